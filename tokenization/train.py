@@ -8,15 +8,15 @@ WordPiece gives them. Shorter sequences mean cheaper attention and embeddings th
 Conventions (RoBERTa's, Liu et al. 2019, which the model config mirrors): ``<s>``=0, ``<pad>``=1, ``</s>``=2,
 ``<unk>``=3, ``<mask>``=4; a sequence is ``<s> A </s>`` and a pair ``<s> A </s></s> B </s>``.
 
-Text handling: NFKC folds compatibility forms (full-width letters, ligatures) into one spelling, and leading whitespace is
-stripped. Every text then gets one prefix space, so a word has the same token at the start of a text as in the middle;
-short shopping queries ("hdmi cable") otherwise put their key term in a rarer space-less variant. The decoder removes that
-prefix space again, so ``decode(encode(text)) == NFKC(text).lstrip()``.
+Text handling: NFKC folds compatibility forms (full-width letters, ligatures) into one spelling, and leading whitespace
+is stripped. Every text then gets one prefix space, so a word has the same token at the start of a text as in the
+middle; short shopping queries ("hdmi cable") would otherwise put their key term in a rarer space-less variant. The
+decoder removes that prefix space again, so ``decode(encode(text)) == NFKC(text).lstrip()``.
 
 Pre-tokenization (the pieces BPE may merge within): GPT-2's regex cuts letters from digits and from punctuation, so
-"10-K", "S&P", "USB-C" or "3.5mm" could never become one token however frequent. ``WORD_PATTERN`` keeps the GPT-2 classes
-(contractions, an optional leading space with a run of letters/digits, punctuation runs, whitespace) but lets letters and
-digits join across ``- / . , &`` inside a word; a trailing "." or "," stays separate.
+"10-K", "S&P", "USB-C" or "3.5mm" could never become one token however frequent. ``WORD_PATTERN`` keeps the GPT-2
+classes (contractions, an optional leading space with a run of letters/digits, punctuation runs, whitespace) but lets
+letters and digits join across ``- / . , &`` inside a word; a trailing "." or "," stays separate.
 
 Usage::
 
@@ -74,7 +74,9 @@ def _untrained_tokenizer() -> Tokenizer:
 def _checked_texts(texts: Iterable[str], counts: dict[str, int], show_progress: bool) -> Iterator[str]:
     """Yield the texts under a progress bar, counting texts, empty texts and UTF-8 bytes into ``counts``."""
     total = len(texts) if isinstance(texts, Sized) else None
-    for index, text in enumerate(tqdm(texts, total=total, desc="reading texts", unit=" texts", disable=not show_progress)):
+    for index, text in enumerate(
+        tqdm(texts, total=total, desc="reading texts", unit=" texts", disable=not show_progress)
+    ):
         if not isinstance(text, str):
             raise TypeError(f"text #{index} has type {type(text).__name__}, expected str: {text!r:.80}")
         counts["texts"] += 1
@@ -115,7 +117,9 @@ def train_tokenizer(
     )  # fmt: skip
     # RobertaProcessing(sep, cls): positional, the keyword names are not accepted by tokenizers 0.23.
     tokenizer.post_processor = processors.RobertaProcessing(
-        (EOS_TOKEN, tokenizer.token_to_id(EOS_TOKEN)), (BOS_TOKEN, tokenizer.token_to_id(BOS_TOKEN)), add_prefix_space=True
+        (EOS_TOKEN, tokenizer.token_to_id(EOS_TOKEN)),
+        (BOS_TOKEN, tokenizer.token_to_id(BOS_TOKEN)),
+        add_prefix_space=True,
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
@@ -182,23 +186,22 @@ def _resolve_options(args: argparse.Namespace) -> dict[str, Any]:
         "max_texts": args.max_texts if args.max_texts is not None else config.get("max_texts"),
         "text_field": args.text_field if args.text_field is not None else config.get("text_field", "text"),
     }
-    specs = [*options["inputs"], *options["datasets"]]
-    if not specs:
+    options["specs"] = [*options["inputs"], *options["datasets"]]
+    if not options["specs"]:
         raise SystemExit("error: no training text: give --input FILE, --dataset HUB_ID or a --config that names them")
-    if options["weights"] is not None and len(options["weights"]) != len(specs):
-        raise SystemExit(f"error: {len(options['weights'])} weights for {len(specs)} sources ({specs})")
     if options["max_texts"] is not None and options["max_texts"] < 1:
         raise SystemExit(f"error: --max-texts must be at least 1, got {options['max_texts']}")
     return options
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Read the sources (through ``train.data``), mix and cap them, train, and save to ``--output``."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parse_args(argv)
     options = _resolve_options(args)
-    specs = [*options["inputs"], *options["datasets"]]
+    specs = options["specs"]
     sources = [load_text_dataset(spec, text_field=options["text_field"]) for spec in specs]
-    stream = sources[0] if len(sources) == 1 else mix_text_datasets(sources, options["weights"])
+    stream = mix_text_datasets(sources, options["weights"])
     if options["max_texts"] is not None:
         stream = stream.take(options["max_texts"])
     logger.info("sources %s, weights %s, max_texts %s", specs, options["weights"], options["max_texts"])

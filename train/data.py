@@ -1,98 +1,238 @@
 """Data layer shared by phase 1 (masked-LM text) and phase 2 (contrastive pairs).
 
-Every source becomes a ``datasets.IterableDataset`` so that the seed's multi-terabyte Hub corpora stream without being
-downloaded, local files and Hub datasets mix through one call to ``datasets.interleave_datasets``, and the trainers can
-checkpoint the data position with ``IterableDataset.state_dict()``.
+Phase 1 reads plain texts: every source becomes a ``datasets.IterableDataset`` with one ``text`` column, so the seed's
+multi-terabyte Hub corpora stream without being downloaded, local files and Hub datasets mix through one call to
+``datasets.interleave_datasets``, and the trainer can checkpoint the data position with ``state_dict()``.
+``TextStream`` adds the length filter and exact-repeat dedup on top and counts what each one dropped.
+
+Phase 2 reads (query, positive, hard negatives, task) records from the seed's Hub pair datasets, local pair ``.jsonl``
+files and BEIR folders, and formats queries with the seed's instruction template.
+
+Hub adapters are written against each dataset's published schema (stated beside each adapter). Repositories that still
+ship a loading script are read through their raw data files, because ``datasets`` 4+ refuses to run loading scripts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Callable, Iterator
+import logging
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import datasets
 from datasets import interleave_datasets
 
+logger = logging.getLogger(__name__)
+
 TEXT_FEATURES = datasets.Features({"text": datasets.Value("string")})
-LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
+PAIR_FEATURES = datasets.Features(
+    {
+        "query": datasets.Value("string"),
+        "positive": datasets.Value("string"),
+        "negatives": datasets.List(datasets.Value("string")),
+        "task": datasets.Value("string"),
+    }
+)
+LOCAL_TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+def shared_data_dir() -> Path:
+    """The shared public data folder: ``$CHROMA_SHARED_DATA`` if set, else ``<repo root>/../shared/data``."""
+    configured = os.environ.get("CHROMA_SHARED_DATA")
+    return Path(configured) if configured else Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Phase-1 Hub registry: adapters from each seed dataset's real row schema to plain texts.
+# Small shared helpers.
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _edgar_texts(row: dict[str, Any]) -> list[str]:
-    """EDGAR-CORPUS (eloukas/edgar-corpus): one row per 10-K filing, one string column per item
-    (``section_1``, ``section_1A``, …, ``section_7``, …). The seed keeps only Item 1A (Risk Factors) and Item 7 (MD&A):
-    they are the narrative, forward-looking parts of a filing; the other items are mostly boilerplate and exhibits."""
-    return [row[key] for key in ("section_1A", "section_7") if row.get(key)]
-
-
-def _text_field_adapter(field: str) -> Callable[[dict[str, Any]], list[str]]:
-    def adapt(row: dict[str, Any]) -> list[str]:
-        value = row.get(field)
-        return [value] if value else []
-
-    return adapt
-
-
-def _amazon_review_texts(row: dict[str, Any]) -> list[str]:
-    """Amazon Reviews 2023 (McAuley-Lab): ``title`` is the review headline, ``text`` its body; joined as one text."""
-    parts = [part for part in (row.get("title"), row.get("text")) if part]
-    return ["\n".join(parts)] if parts else []
-
-
-HubAdapter = Callable[[dict[str, Any]], list[str]]
-TEXT_REGISTRY: dict[str, HubAdapter] = {
-    "eloukas/edgar-corpus": _edgar_texts,
-    "Brianferrell787/financial-news-multisource": _text_field_adapter("text"),
-    "thebajajra/Ecom-niverse": _text_field_adapter("text"),
-    "McAuley-Lab/Amazon-Reviews-2023": _amazon_review_texts,
-    "HuggingFaceFW/fineweb-edu": _text_field_adapter("text"),
-}
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Loading one text source.
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _is_local_spec(spec: str) -> bool:
-    return spec.endswith(LOCAL_SUFFIXES) or Path(spec).exists()
-
-
-def _parse_hub_spec(spec: str) -> tuple[str, str | None, str]:
-    """``HUB_ID[:CONFIG[:SPLIT]]`` → (hub_id, config or None, split; default ``train``)."""
-    parts = spec.split(":")
-    if len(parts) > 3 or not parts[0]:
-        raise ValueError(f"bad dataset spec {spec!r}: expected a local .txt/.jsonl/.parquet path or HUB_ID[:CONFIG[:SPLIT]]")
-    hub_id = parts[0]
-    config = parts[1] if len(parts) > 1 and parts[1] else None
-    split = parts[2] if len(parts) > 2 and parts[2] else "train"
-    return hub_id, config, split
-
-
-def _load_hub(hub_id: str, config: str | None, split: str, streaming: bool) -> datasets.Dataset | datasets.IterableDataset:
-    """The one place that reaches the Hub (tests monkeypatch it)."""
-    return datasets.load_dataset(hub_id, config, split=split, streaming=streaming)
-
-
-def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (1-based line number, object) for each non-blank line; bad JSON raises naming file and line."""
-    with path.open(encoding="utf-8") as handle:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"jsonl file not found: {file}")
+    with file.open(encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: invalid JSON ({err.msg})") from err
+                raise ValueError(f"{file}:{line_no}: invalid JSON ({err.msg})") from err
             if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+                raise ValueError(f"{file}:{line_no}: expected a JSON object, got {type(obj).__name__}")
             yield line_no, obj
+
+
+def write_jsonl(rows: Iterable[Mapping[str, Any]], path: str | Path) -> int:
+    """Write rows as jsonl atomically (temp file + rename, so a crash never leaves half a file); returns the count."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=target.parent, suffix=".tmp", delete=False) as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+    os.replace(handle.name, target)
+    return count
+
+
+def _required(row: Mapping[str, Any], key: str, where: str) -> Any:
+    """``row[key]``, or a ValueError that says where the row came from and which fields it does have."""
+    if key not in row:
+        raise ValueError(f"{where}: no field {key!r} (fields: {sorted(row)})")
+    return row[key]
+
+
+def _text_hash(text: str) -> int:
+    """A 64-bit hash that is stable across processes and runs (``hash()`` is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+def _parse_hub_spec(spec: str) -> tuple[str, str | None, str]:
+    """``HUB_ID[:CONFIG[:SPLIT]]`` → (hub_id, config or None, split; default ``train``)."""
+    parts = spec.split(":")
+    if len(parts) > 3 or "/" not in parts[0]:
+        raise ValueError(f"bad dataset spec {spec!r}: expected a local file path or HUB_ID[:CONFIG[:SPLIT]]")
+    config = parts[1] if len(parts) > 1 and parts[1] else None
+    split = parts[2] if len(parts) > 2 and parts[2] else "train"
+    return parts[0], config, split
+
+
+def _open_hub(
+    hub_id: str, config: str | None, split: str, streaming: bool, *, data_files: str | None, builder: str
+) -> datasets.Dataset | datasets.IterableDataset:
+    """The one place that reaches the Hub (tests replace it). ``data_files`` bypasses a repository's loading script."""
+    if data_files is not None:
+        return datasets.load_dataset(builder, data_files=data_files, split="train", streaming=streaming)
+    return datasets.load_dataset(hub_id, config, split=split, streaming=streaming)
+
+
+def _rows_with_label_names(rows: datasets.Dataset | datasets.IterableDataset) -> Iterator[dict[str, Any]]:
+    """Rows with ``ClassLabel`` ints replaced by their names: the int order of a label differs between versions of a
+    dataset (financial-reports-sec lists its sections alphabetically in one and in filing order in another)."""
+    labels = {name: feat for name, feat in (rows.features or {}).items() if isinstance(feat, datasets.ClassLabel)}
+    for row in rows:
+        if labels:
+            row = {**row, **{name: feat.int2str(row[name]) for name, feat in labels.items() if row[name] is not None}}
+        yield row
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Phase 1: Hub registry of the seed's text corpora.
+# --------------------------------------------------------------------------------------------------------------------
+
+TextAdapter = Callable[[Iterable[dict[str, Any]], str], Iterator[str]]
+EDGAR_SECTIONS = ("section_1A", "section_7")  # Item 1A Risk Factors, Item 7 MD&A
+
+
+def _field_texts(field_name: str) -> TextAdapter:
+    def adapt(rows: Iterable[dict[str, Any]], source: str) -> Iterator[str]:
+        for index, row in enumerate(rows):
+            yield _required(row, field_name, f"{source} row {index}") or ""
+
+    return adapt
+
+
+def _edgar_corpus_texts(rows: Iterable[dict[str, Any]], source: str) -> Iterator[str]:
+    """eloukas/edgar-corpus (EDGAR-CORPUS, Loukas et al. 2021): one row per 10-K filing with ``filename``, ``cik``,
+    ``year`` and one string column per item, ``section_1`` … ``section_15``. The seed keeps Item 1A (Risk Factors) and
+    Item 7 (MD&A): the narrative, forward-looking prose of a filing; the other items are mostly boilerplate, exhibits
+    and financial tables. Both sections are yielded even when empty (older filings have no Item 1A), so the length
+    filter counts them instead of losing them silently."""
+    for index, row in enumerate(rows):
+        for section in EDGAR_SECTIONS:
+            yield _required(row, section, f"{source} row {index}") or ""
+
+
+def _financial_reports_sec_texts(rows: Iterable[dict[str, Any]], source: str) -> Iterator[str]:
+    """JanosAudran/financial-reports-sec: the same 10-K items split into one row per sentence, with ``docID``,
+    ``sentenceID``, ``sentence`` and ``section`` (a ClassLabel, decoded to ``section_1A`` etc. by the loader). Rows of
+    one filing's section are consecutive; they are joined back into one passage per (filing, section) so the masked-LM
+    sees document context, and only Items 1A and 7 are kept."""
+    current: tuple[Any, Any] | None = None
+    sentences: list[str] = []
+    for index, row in enumerate(rows):
+        where = f"{source} row {index}"
+        key = (_required(row, "docID", where), _required(row, "section", where))
+        if key != current:
+            if current is not None and current[1] in EDGAR_SECTIONS:
+                yield " ".join(sentences)
+            current, sentences = key, []
+        sentences.append(_required(row, "sentence", where) or "")
+    if current is not None and current[1] in EDGAR_SECTIONS:
+        yield " ".join(sentences)
+
+
+def _amazon_review_texts(rows: Iterable[dict[str, Any]], source: str) -> Iterator[str]:
+    """McAuley-Lab/Amazon-Reviews-2023 review files: ``rating``, ``title`` (the review headline), ``text`` (its body),
+    ``images``, ``asin``, ``parent_asin``, ``user_id``, ``timestamp``, ``helpful_vote``, ``verified_purchase``. Headline
+    and body form one text."""
+    for index, row in enumerate(rows):
+        where = f"{source} row {index}"
+        parts = [_required(row, "title", where), _required(row, "text", where)]
+        yield "\n".join(part for part in parts if part)
+
+
+def _edgar_data_files(config: str | None, split: str) -> str:
+    """eloukas/edgar-corpus ships a loading script plus ``<year>/{train,validate,test}.jsonl``; CONFIG is a year
+    (``2020`` or the card's ``year_2020``); no CONFIG reads every year."""
+    year = (config or "*").removeprefix("year_")
+    return f"hf://datasets/eloukas/edgar-corpus/{year}/{split}.jsonl"
+
+
+def _financial_reports_sec_data_files(config: str | None, split: str) -> str:
+    """financial-reports-sec ships a loading script; its rows are read from the Hub's parquet export
+    (``@~parquet/<config>/<split>/``), whose configs are ``small_lite``, ``small_full``, ``large_lite``, ``large_full``."""
+    return f"hf://datasets/JanosAudran/financial-reports-sec@~parquet/{config or 'small_lite'}/{split}/*.parquet"
+
+
+def _amazon_reviews_data_files(config: str | None, split: str) -> str:
+    """Amazon-Reviews-2023 ships a loading script plus ``raw/review_categories/<Category>.jsonl``; CONFIG is the
+    category (``Electronics`` or the card's ``raw_review_Electronics``). The card's only split is ``full``, so SPLIT is
+    not used."""
+    if not config:
+        raise ValueError("McAuley-Lab/Amazon-Reviews-2023 needs a category as CONFIG, e.g. ':raw_review_Electronics'")
+    category = config.removeprefix("raw_review_")
+    return f"hf://datasets/McAuley-Lab/Amazon-Reviews-2023/raw/review_categories/{category}.jsonl"
+
+
+@dataclass(frozen=True)
+class HubTextSource:
+    """How to read one Hub corpus: its row adapter and, for script-based repositories, where its raw files are."""
+
+    adapter: TextAdapter
+    data_files: Callable[[str | None, str], str] | None = None
+    builder: str = "json"
+
+
+TEXT_REGISTRY: dict[str, HubTextSource] = {
+    "eloukas/edgar-corpus": HubTextSource(_edgar_corpus_texts, _edgar_data_files),
+    "JanosAudran/financial-reports-sec": HubTextSource(
+        _financial_reports_sec_texts, _financial_reports_sec_data_files, builder="parquet"
+    ),
+    # FNSPID and more, merged into one table (parquet): ``date``, ``text`` (headline and article), ``extra_fields``
+    # (a JSON string of source-specific metadata). Only ``text`` is read.
+    "Brianferrell787/financial-news-multisource": HubTextSource(_field_texts("text")),
+    # FineFineWeb documents filtered to e-commerce content (json); each row's document is in ``text``.
+    "thebajajra/Ecom-niverse": HubTextSource(_field_texts("text")),
+    "McAuley-Lab/Amazon-Reviews-2023": HubTextSource(_amazon_review_texts, _amazon_reviews_data_files),
+    # ``text``, ``id``, ``dump``, ``url``, ``date``, ``file_path``, ``language``, ``language_score``, ``token_count``,
+    # ``score``, ``int_score``; CONFIG is ``default``, ``sample-10BT``, … or a crawl such as ``CC-MAIN-2024-10``.
+    "HuggingFaceFW/fineweb-edu": HubTextSource(_field_texts("text")),
+}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Phase 1: loading and mixing text sources.
+# --------------------------------------------------------------------------------------------------------------------
 
 
 def _local_texts(path: str, text_field: str) -> Iterator[dict[str, str]]:
@@ -125,10 +265,15 @@ def _local_texts(path: str, text_field: str) -> Iterator[dict[str, str]]:
 
 
 def _hub_texts(hub_id: str, config: str | None, split: str, text_field: str, streaming: bool) -> Iterator[dict[str, str]]:
-    adapter = TEXT_REGISTRY.get(hub_id, _text_field_adapter(text_field))
-    for row in _load_hub(hub_id, config, split, streaming):
-        for text in adapter(row):
-            yield {"text": text}
+    source = TEXT_REGISTRY.get(hub_id, HubTextSource(_field_texts(text_field)))
+    data_files = source.data_files(config, split) if source.data_files else None
+    rows = _open_hub(hub_id, config, split, streaming, data_files=data_files, builder=source.builder)
+    for text in source.adapter(_rows_with_label_names(rows), hub_id):
+        yield {"text": text}
+
+
+def _is_local_spec(spec: str) -> bool:
+    return spec.endswith((".txt", ".jsonl", ".parquet", ".json", ".csv")) or Path(spec).exists()
 
 
 def load_text_dataset(spec: str, *, text_field: str = "text", streaming: bool = True) -> datasets.IterableDataset:
@@ -137,13 +282,13 @@ def load_text_dataset(spec: str, *, text_field: str = "text", streaming: bool = 
     ``spec`` is a local ``.txt`` (one text per non-empty line), ``.jsonl`` (field ``text_field``) or ``.parquet`` (column
     ``text_field``) path, or ``HUB_ID[:CONFIG[:SPLIT]]``. Hub IDs in ``TEXT_REGISTRY`` go through their schema adapter;
     other Hub IDs read ``text_field``. With ``streaming=True`` rows are read lazily, so a bad jsonl row raises when
-    iteration reaches it; with ``streaming=False`` the whole source is read (and validated) here, in memory.
+    iteration reaches it; with ``streaming=False`` the whole source is read and validated here, in memory.
     """
     if _is_local_spec(spec):
         if not Path(spec).is_file():
             raise FileNotFoundError(f"text dataset file not found: {spec}")
-        if not spec.endswith(LOCAL_SUFFIXES):
-            raise ValueError(f"unsupported local file {spec!r}: use one of {', '.join(LOCAL_SUFFIXES)}")
+        if not spec.endswith(LOCAL_TEXT_SUFFIXES):
+            raise ValueError(f"unsupported local file {spec!r}: use one of {', '.join(LOCAL_TEXT_SUFFIXES)}")
         generator, kwargs = _local_texts, {"path": spec, "text_field": text_field}
     else:
         hub_id, config, split = _parse_hub_spec(spec)
@@ -155,29 +300,578 @@ def load_text_dataset(spec: str, *, text_field: str = "text", streaming: bool = 
     return datasets.Dataset.from_list(rows, features=TEXT_FEATURES).to_iterable_dataset()
 
 
+def _normalised_weights(weights: list[float] | None, count: int) -> list[float]:
+    if count == 0:
+        raise ValueError("a mixture needs at least one dataset")
+    weights = [1.0] * count if weights is None else list(weights)
+    if len(weights) != count:
+        raise ValueError(f"got {len(weights)} weights for {count} datasets")
+    for index, weight in enumerate(weights):
+        if not weight > 0:
+            raise ValueError(f"weight {index} is {weight}: mixture weights must be positive")
+    total = float(sum(weights))
+    return [weight / total for weight in weights]
+
+
 def mix_text_datasets(
     datasets: list[datasets.IterableDataset], weights: list[float] | None, seed: int = 0
 ) -> datasets.IterableDataset:
     """Sample from several text streams in proportion to ``weights`` (normalised; ``None`` = uniform).
 
     Uses ``datasets.interleave_datasets`` with ``stopping_strategy="all_exhausted_without_replacement"``: each row of
-    each source is drawn exactly once per pass, the weights hold while every source has rows left, and an exhausted
-    source drops out (the others are renormalised). Oversampling would re-emit rows of a small source, which the
-    exact-repeat dedup downstream would then count as duplicates; for more passes, iterate again (``set_epoch``).
+    each source is drawn once per pass, the weights hold while every source has rows left, and an exhausted source
+    drops out (the others are renormalised). Oversampling would re-emit a small source's rows, which the exact-repeat
+    dedup would then count as duplicates; for another pass, iterate again (``set_epoch``). Deterministic given ``seed``.
     """
-    if not datasets:
-        raise ValueError("mix_text_datasets needs at least one dataset")
-    if weights is None:
-        weights = [1.0] * len(datasets)
-    if len(weights) != len(datasets):
-        raise ValueError(f"got {len(weights)} weights for {len(datasets)} datasets")
-    for index, weight in enumerate(weights):
-        if not weight > 0:
-            raise ValueError(f"weight {index} is {weight}: mixture weights must be positive")
-    total = float(sum(weights))
+    probabilities = _normalised_weights(weights, len(datasets))
+    if len(datasets) == 1:
+        return datasets[0]
     return interleave_datasets(
-        datasets,
-        probabilities=[w / total for w in weights],
-        seed=seed,
-        stopping_strategy="all_exhausted_without_replacement",
+        datasets, probabilities=probabilities, seed=seed, stopping_strategy="all_exhausted_without_replacement"
     )
+
+
+@dataclass(frozen=True)
+class TextSourceSpec:
+    """One entry of a phase-1 mixture: a ``load_text_dataset`` spec and its (unnormalised) weight."""
+
+    spec: str
+    weight: float = 1.0
+    text_field: str = "text"
+
+
+# The seed's phase-1 mixture. The seed fixes FineWeb-Edu at 15% (general text that keeps the model from forgetting
+# ordinary English); the split of the other 85% is ours: finance (EDGAR risk factors / MD&A 25%, financial news 20%)
+# and retail (e-commerce web text 25%, Amazon reviews 15% over three large categories), about even between the domains.
+DEFAULT_TEXT_MIXTURE: tuple[TextSourceSpec, ...] = (
+    TextSourceSpec("eloukas/edgar-corpus", 0.25),
+    TextSourceSpec("Brianferrell787/financial-news-multisource", 0.20),
+    TextSourceSpec("thebajajra/Ecom-niverse", 0.25),
+    TextSourceSpec("McAuley-Lab/Amazon-Reviews-2023:raw_review_Electronics", 0.05),
+    TextSourceSpec("McAuley-Lab/Amazon-Reviews-2023:raw_review_Home_and_Kitchen", 0.05),
+    TextSourceSpec("McAuley-Lab/Amazon-Reviews-2023:raw_review_Clothing_Shoes_and_Jewelry", 0.05),
+    TextSourceSpec("HuggingFaceFW/fineweb-edu:sample-100BT", 0.15),
+)
+
+
+@dataclass
+class TextFilterStats:
+    """What the phase-1 text filters saw and dropped; ``seen == kept + too_short + too_long + duplicate``."""
+
+    seen: int = 0
+    kept: int = 0
+    too_short: int = 0
+    too_long: int = 0
+    duplicate: int = 0
+
+    def summary(self) -> str:
+        return (
+            f"texts seen {self.seen}, kept {self.kept}; dropped: too short {self.too_short}, "
+            f"too long {self.too_long}, exact repeats {self.duplicate}"
+        )
+
+
+class TextStream:
+    """Iterates the texts of a (mixed) text dataset through a length filter and exact-repeat dedup.
+
+    Length is counted in characters after stripping. Dedup hashes the whitespace-normalised text (64-bit BLAKE2b, about
+    100 bytes of memory per unique text) and drops a text whose hash was seen before in this stream; with several
+    processes, split the dataset first (``datasets.distributed.split_dataset_by_node``) and each process dedups its own
+    share. ``state_dict()`` holds the dataset position, the counters and the seen hashes, so a resumed stream yields
+    exactly what an uninterrupted one would have.
+    """
+
+    def __init__(
+        self,
+        dataset: datasets.IterableDataset,
+        *,
+        min_chars: int = 20,
+        max_chars: int | None = 1_000_000,
+        dedup: bool = True,
+    ) -> None:
+        if min_chars < 0:
+            raise ValueError(f"min_chars is {min_chars}: it must be >= 0")
+        if max_chars is not None and max_chars < max(min_chars, 1):
+            raise ValueError(f"max_chars ({max_chars}) must be >= min_chars ({min_chars}) and >= 1")
+        self.dataset = dataset
+        self.min_chars = min_chars
+        self.max_chars = max_chars
+        self.dedup = dedup
+        self.stats = TextFilterStats()
+        self._seen_hashes: set[int] = set()
+
+    def __iter__(self) -> Iterator[str]:
+        for row in self.dataset:
+            text = row["text"]
+            self.stats.seen += 1
+            length = len(text.strip())
+            if length < self.min_chars:
+                self.stats.too_short += 1
+                continue
+            if self.max_chars is not None and length > self.max_chars:
+                self.stats.too_long += 1
+                continue
+            if self.dedup:
+                digest = _text_hash(" ".join(text.split()))
+                if digest in self._seen_hashes:
+                    self.stats.duplicate += 1
+                    continue
+                self._seen_hashes.add(digest)
+            self.stats.kept += 1
+            yield text
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset.state_dict(),
+            "stats": asdict(self.stats),
+            "seen_hashes": sorted(self._seen_hashes),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.dataset.load_state_dict(state["dataset"])
+        self.stats = TextFilterStats(**state["stats"])
+        self._seen_hashes = set(state["seen_hashes"])
+
+
+def build_text_stream(
+    sources: Iterable[TextSourceSpec],
+    *,
+    seed: int = 0,
+    min_chars: int = 20,
+    max_chars: int | None = 1_000_000,
+    dedup: bool = True,
+    streaming: bool = True,
+) -> TextStream:
+    """Load every source, mix them by weight (``mix_text_datasets``) and wrap the mixture in a ``TextStream``."""
+    sources = list(sources)
+    loaded = [load_text_dataset(s.spec, text_field=s.text_field, streaming=streaming) for s in sources]
+    mixed = mix_text_datasets(loaded, [s.weight for s in sources], seed=seed)
+    return TextStream(mixed, min_chars=min_chars, max_chars=max_chars, dedup=dedup)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Phase 2: instructions.
+# --------------------------------------------------------------------------------------------------------------------
+
+# Task name → the task description put into the seed's query template ``Instruction: {task} Query: {text}``
+# (the E5-Mistral / NV-Embed convention: one short sentence naming what the query is and what should be retrieved).
+INSTRUCTIONS: dict[str, str] = {
+    "finance_qa": "Given a financial question, retrieve passages from financial reports that answer it",
+    "product_search": "Given a shopping query, retrieve products that match the query",
+    "passage_retrieval": "Given a web search query, retrieve passages that answer the query",
+    "question_answering": "Given a question, retrieve Wikipedia passages that answer the question",
+    "bitext": "Given a sentence, retrieve its translation in another language",
+}
+
+
+def format_query(text: str, task: str) -> tuple[str, int]:
+    """The instructed query ``Instruction: {description} Query: {text}`` and the length of its instruction part.
+
+    Documents carry no instruction. The returned length ``n`` ends the instruction *before* the space that precedes
+    ``text``: characters ``[0, n)`` are instruction, and a token belongs to the query iff its start offset is ``>= n``.
+    That boundary holds whether the tokenizer's offsets include the leading space of the first query token (byte-level
+    BPE without ``trim_offsets``) or not. The model attends to the instruction but leaves it out of pooling
+    (NV-Embed, Lee et al. 2024).
+    """
+    if task not in INSTRUCTIONS:
+        raise ValueError(f"unknown task {task!r}; known tasks: {sorted(INSTRUCTIONS)}")
+    prefix = f"Instruction: {INSTRUCTIONS[task]} Query:"
+    return f"{prefix} {text}", len(prefix)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Phase 2: pair records and their Hub adapters.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairExample:
+    """One contrastive training record: a query, its positive document, hard negatives, and the instruction task."""
+
+    query: str
+    positive: str
+    negatives: list[str] = field(default_factory=list)
+    task: str = "passage_retrieval"
+
+
+@dataclass
+class PairStats:
+    """Records made and rows or groups skipped (by reason) while reading pair data."""
+
+    records: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(self.skipped.items())) or "none"
+        return f"pair records {self.records}; skipped: {reasons}"
+
+
+PairAdapter = Callable[[Iterable[dict[str, Any]], str, str, PairStats], Iterator[PairExample]]
+ESCI_LABELS = {"exact": "E", "substitute": "S", "complement": "C", "irrelevant": "I", "e": "E", "s": "S", "c": "C", "i": "I"}
+
+
+def _esci_product_text(row: Mapping[str, Any], where: str) -> str:
+    """Title, bullet points, description, then brand and colour: the shared ESCI dev corpus's order, so training
+    documents look like the evaluation ones."""
+    parts = [_required(row, key, where) for key in ("product_title", "product_bullet_point", "product_description")]
+    extras = [
+        f"{label}: {value}."
+        for label, key in (("Brand", "product_brand"), ("Color", "product_color"))
+        if (value := _required(row, key, where))
+    ]
+    return "\n".join([part for part in parts if part] + ([" ".join(extras)] if extras else []))
+
+
+def _esci_pairs(rows: Iterable[dict[str, Any]], source: str, task: str, stats: PairStats) -> Iterator[PairExample]:
+    """tasksource/esci (Shopping Queries Dataset, Reddy et al. 2022): one row per (query, product) judgment with
+    ``query``, ``query_id``, ``product_id``, ``product_locale``, ``esci_label`` (``Exact``/``Substitute``/
+    ``Complement``/``Irrelevant``; the raw release's ``E``/``S``/``C``/``I`` are accepted too) and the product's
+    ``product_title``, ``product_description``, ``product_bullet_point``, ``product_brand``, ``product_color``.
+
+    Rows are grouped by ``query_id`` (consecutive in the release; a query that reappears later is an error rather than
+    a silent second record). One record per query: its first Exact product is the positive, Substitutes and
+    Complements are hard negatives (close but not what was asked for), Irrelevant judgments are dropped and counted.
+    Further Exact products are neither positive nor negative: two records of one query in a batch would make each
+    other's positive an in-batch false negative. Queries without any Exact are counted and skipped.
+    """
+    finished: set[Any] = set()
+    current_id: Any = None
+    query = ""
+    positive: str | None = None
+    negatives: list[str] = []
+
+    def flush() -> Iterator[PairExample]:
+        if positive is None:
+            stats.skipped["esci_query_without_exact"] += 1
+        else:
+            stats.records += 1
+            yield PairExample(query, positive, negatives, task)
+
+    for index, row in enumerate(rows):
+        where = f"{source} row {index}"
+        query_id = _required(row, "query_id", where)
+        if query_id != current_id:
+            if current_id is not None:
+                yield from flush()
+                finished.add(current_id)
+            if query_id in finished:
+                raise ValueError(f"{where}: query_id {query_id!r} reappears after its group ended; rows must be grouped by query")
+            current_id, query, positive, negatives = query_id, _required(row, "query", where), None, []
+        raw_label = _required(row, "esci_label", where)
+        label = ESCI_LABELS.get(str(raw_label).strip().lower())
+        if label is None:
+            raise ValueError(f"{where}: unknown esci_label {raw_label!r} (expected Exact/Substitute/Complement/Irrelevant)")
+        if label == "I":
+            stats.skipped["esci_irrelevant_judgment"] += 1
+        elif label == "E":
+            if positive is None:
+                positive = _esci_product_text(row, where)
+            else:
+                stats.skipped["esci_extra_exact_unused"] += 1
+        else:
+            negatives.append(_esci_product_text(row, where))
+    if current_id is not None:
+        yield from flush()
+
+
+def _table_text(table: list[list[Any]]) -> str:
+    """Cells joined by `` | ``, rows by newlines: the table layout of the shared TAT-QA finance dev corpus."""
+    return "\n".join(" | ".join(str(cell) for cell in row) for row in table)
+
+
+def _convfinqa_pairs(rows: Iterable[dict[str, Any]], source: str, task: str, stats: PairStats) -> Iterator[PairExample]:
+    """ConvFinQA (Chen et al. 2022) conversation-level rows, as in the release's ``train.json``: ``id``, ``pre_text``
+    and ``post_text`` (lists of sentences around the table), ``table`` (rows of cells), ``annotation`` (the dialogue)
+    and the original FinQA question(s): ``qa`` for a simple conversation, ``qa_0`` and ``qa_1`` for a hybrid one, each
+    with ``question`` and ``answer``. The self-contained FinQA questions are used (the dialogue turns lean on earlier
+    turns); the evidence passage is the report page: pre-text, table, post-text."""
+    for index, row in enumerate(rows):
+        where = f"{source} row {index}"
+        pre, table, post = (_required(row, key, where) for key in ("pre_text", "table", "post_text"))
+        evidence = "\n".join(part for part in (" ".join(pre), _table_text(table), " ".join(post)) if part)
+        questions = [qa["question"] for key in ("qa", "qa_0", "qa_1") if (qa := row.get(key)) and qa.get("question")]
+        if not questions:
+            stats.skipped["convfinqa_row_without_question"] += 1
+        for question in questions:
+            stats.records += 1
+            yield PairExample(question, evidence, [], task)
+
+
+def _msmarco_pairs(rows: Iterable[dict[str, Any]], source: str, task: str, stats: PairStats) -> Iterator[PairExample]:
+    """microsoft/ms_marco ``v1.1``: ``query``, ``query_id``, ``query_type``, ``answers``, ``wellFormedAnswers`` and
+    ``passages`` = {``is_selected``, ``passage_text``, ``url``} (parallel lists: the Bing top passages for the query,
+    ``is_selected`` = 1 where the annotator used the passage for the answer). The first selected passage is the
+    positive, unselected ones are hard negatives (retrieved for this query, so close); queries with no selected
+    passage are counted and skipped."""
+    for index, row in enumerate(rows):
+        where = f"{source} row {index}"
+        passages = _required(row, "passages", where)
+        selected = _required(passages, "is_selected", f"{where} passages")
+        texts = _required(passages, "passage_text", f"{where} passages")
+        if len(selected) != len(texts):
+            raise ValueError(f"{where}: passages.is_selected has {len(selected)} entries, passage_text {len(texts)}")
+        positives = [text for flag, text in zip(selected, texts) if flag]
+        if not positives:
+            stats.skipped["msmarco_query_without_selected_passage"] += 1
+            continue
+        stats.records += 1
+        yield PairExample(_required(row, "query", where), positives[0], [t for f, t in zip(selected, texts) if not f], task)
+
+
+def _first_text(value: Any) -> str | None:
+    if isinstance(value, list):
+        return value[0] if value else None
+    return value
+
+
+def _text_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+def _query_positive_negative_pairs(
+    query_key: str, positive_key: str, negative_key: str | None
+) -> PairAdapter:
+    """Rows that already are pairs: ``query_key``, ``positive_key`` (a string or a list whose first item is used) and
+    optionally ``negative_key`` (a string or a list). Covers NQ and FinMTEB-style training triples."""
+
+    def adapt(rows: Iterable[dict[str, Any]], source: str, task: str, stats: PairStats) -> Iterator[PairExample]:
+        for index, row in enumerate(rows):
+            where = f"{source} row {index}"
+            query = _required(row, query_key, where)
+            positive = _first_text(_required(row, positive_key, where))
+            if not query or not positive:
+                stats.skipped["empty_query_or_positive"] += 1
+                continue
+            negatives = _text_list(row.get(negative_key)) if negative_key else []
+            stats.records += 1
+            yield PairExample(query, positive, [n for n in negatives if n], task)
+
+    return adapt
+
+
+@dataclass(frozen=True)
+class HubPairSource:
+    """How to read one Hub pair dataset: its row adapter and the instruction task its queries get by default."""
+
+    adapter: PairAdapter
+    task: str
+    data_files: Callable[[str | None, str], str] | None = None
+    builder: str = "json"
+
+
+# FinMTEB-style training triples (``query``, ``positive``, ``negative``) are read by the generic adapter used for any
+# Hub ID not listed here, with the task given to ``load_pair_dataset`` (default ``finance_qa``).
+GENERIC_PAIR_SOURCE = HubPairSource(_query_positive_negative_pairs("query", "positive", "negative"), "finance_qa")
+PAIR_REGISTRY: dict[str, HubPairSource] = {
+    "tasksource/esci": HubPairSource(_esci_pairs, "product_search"),
+    "MehdiHosseiniMoghadam/ConvFinQA": HubPairSource(_convfinqa_pairs, "finance_qa"),
+    "microsoft/ms_marco": HubPairSource(_msmarco_pairs, "passage_retrieval"),
+    # sentence-transformers/natural-questions: ``query`` (the NQ question), ``answer`` (the Wikipedia passage).
+    "sentence-transformers/natural-questions": HubPairSource(
+        _query_positive_negative_pairs("query", "answer", None), "question_answering"
+    ),
+}
+
+
+def _check_task(task: str, where: str) -> str:
+    if task not in INSTRUCTIONS:
+        raise ValueError(f"{where}: unknown task {task!r}; known tasks: {sorted(INSTRUCTIONS)}")
+    return task
+
+
+def validate_pair_row(obj: Mapping[str, Any], where: str) -> None:
+    """Check one row of the pair jsonl schema ``{"query", "positive", "negatives": [...]}`` (extra fields allowed)."""
+    for key in ("query", "positive"):
+        value = obj.get(key)
+        if not isinstance(value, str) or not value.strip():
+            found = "missing" if value is None else repr(value)
+            raise ValueError(f"{where}: field {key!r} must be a non-empty string, found {found}")
+    negatives = obj.get("negatives", [])
+    if not isinstance(negatives, list) or not all(isinstance(n, str) for n in negatives):
+        raise ValueError(f"{where}: field 'negatives' must be a list of strings, found {negatives!r}")
+
+
+def pair_from_json(obj: Mapping[str, Any], where: str, task: str | None = None) -> PairExample:
+    """One validated pair row as a ``PairExample`` (extra fields ignored). The task is ``task`` if given, else the
+    row's own ``task`` field; one of them is required."""
+    validate_pair_row(obj, where)
+    row_task = task if task is not None else obj.get("task")
+    if row_task is None:
+        raise ValueError(f"{where}: no task: pass task= (one of {sorted(INSTRUCTIONS)}) or add a 'task' field")
+    return PairExample(obj["query"], obj["positive"], list(obj.get("negatives", [])), _check_task(row_task, where))
+
+
+def _local_pairs(path: str, task: str | None, stats: PairStats) -> Iterator[PairExample]:
+    for line_no, obj in iter_jsonl(path):
+        record = pair_from_json(obj, f"{path}:{line_no}", task)
+        stats.records += 1
+        yield record
+
+
+def _hub_pairs(hub_id: str, config: str | None, split: str, task: str | None, streaming: bool, stats: PairStats) -> Iterator[PairExample]:
+    source = PAIR_REGISTRY.get(hub_id, GENERIC_PAIR_SOURCE)
+    task = _check_task(task or source.task, hub_id)
+    data_files = source.data_files(config, split) if source.data_files else None
+    rows = _open_hub(hub_id, config, split, streaming, data_files=data_files, builder=source.builder)
+    yield from source.adapter(_rows_with_label_names(rows), hub_id, task, stats)
+
+
+def _pair_rows(spec: str, task: str | None, streaming: bool, stats: PairStats) -> Iterator[dict[str, Any]]:
+    if _is_local_spec(spec):
+        if not spec.endswith(".jsonl"):
+            raise ValueError(f"unsupported local pair file {spec!r}: use .jsonl with query/positive/negatives")
+        records = _local_pairs(spec, task, stats)
+    else:
+        hub_id, config, split = _parse_hub_spec(spec)
+        records = _hub_pairs(hub_id, config, split, task, streaming, stats)
+    for record in records:
+        yield asdict(record)
+    logger.info("%s: %s", spec, stats.summary())
+
+
+def load_pair_dataset(
+    spec: str, *, task: str | None = None, streaming: bool = False, stats: PairStats | None = None
+) -> datasets.Dataset | datasets.IterableDataset:
+    """Pair records (columns ``query``, ``positive``, ``negatives``, ``task``) from a local pair ``.jsonl`` or a Hub
+    dataset ``HUB_ID[:CONFIG[:SPLIT]]`` (adapters in ``PAIR_REGISTRY``; other Hub IDs are read as query/positive/
+    negative triples).
+
+    ``task`` overrides the source's default instruction task. ``streaming=False`` (the default: pair sets fit in
+    memory and the trainer wants a shuffleable map-style ``Dataset``) reads everything now; ``streaming=True`` returns
+    an ``IterableDataset``. Skipped rows are counted in ``stats`` (updated as rows are read) and logged.
+    """
+    stats = stats if stats is not None else PairStats()
+    if task is not None:
+        _check_task(task, spec)
+    if _is_local_spec(spec) and not Path(spec).is_file():
+        raise FileNotFoundError(f"pair dataset file not found: {spec}")
+    kwargs = {"spec": spec, "task": task, "streaming": streaming, "stats": stats}
+    if streaming:
+        return datasets.IterableDataset.from_generator(_pair_rows, features=PAIR_FEATURES, gen_kwargs=kwargs)
+    return datasets.Dataset.from_list(list(_pair_rows(**kwargs)), features=PAIR_FEATURES)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Phase 2: pairs from a BEIR folder, with a query-level train / held-out split.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BeirData:
+    """A BEIR folder in memory: corpus ``_id`` → {title, text, …}, query ``_id`` → text, qrels qid → {doc id: score}."""
+
+    corpus: dict[str, dict[str, Any]]
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+
+
+def beir_doc_text(doc: Mapping[str, Any]) -> str:
+    """Title and text joined by a space, as mteb's retrieval evaluation feeds them to the model."""
+    title = (doc.get("title") or "").strip()
+    return f"{title} {doc.get('text') or ''}".strip() if title else doc.get("text") or ""
+
+
+def load_beir(beir_dir: str | Path, split: str = "test") -> BeirData:
+    """Read ``corpus.jsonl``, ``queries.jsonl`` and ``qrels/<split>.tsv`` (header ``query-id corpus-id score``),
+    checking that every qrel names a known query and document."""
+    root = Path(beir_dir)
+    corpus: dict[str, dict[str, Any]] = {}
+    for line_no, obj in iter_jsonl(root / "corpus.jsonl"):
+        corpus[str(_required(obj, "_id", f"{root / 'corpus.jsonl'}:{line_no}"))] = obj
+    queries: dict[str, str] = {}
+    for line_no, obj in iter_jsonl(root / "queries.jsonl"):
+        where = f"{root / 'queries.jsonl'}:{line_no}"
+        queries[str(_required(obj, "_id", where))] = _required(obj, "text", where)
+    qrels_path = root / "qrels" / f"{split}.tsv"
+    if not qrels_path.is_file():
+        raise FileNotFoundError(f"qrels file not found: {qrels_path}")
+    qrels: dict[str, dict[str, int]] = {}
+    with qrels_path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            cells = line.rstrip("\n").split("\t")
+            if line_no == 1 and cells[0] == "query-id":
+                continue
+            if len(cells) != 3:
+                raise ValueError(f"{qrels_path}:{line_no}: expected 3 tab-separated columns, got {len(cells)}")
+            query_id, doc_id, score = cells
+            if query_id not in queries:
+                raise ValueError(f"{qrels_path}:{line_no}: unknown query-id {query_id!r}")
+            if doc_id not in corpus:
+                raise ValueError(f"{qrels_path}:{line_no}: unknown corpus-id {doc_id!r}")
+            try:
+                qrels.setdefault(query_id, {})[doc_id] = int(score)
+            except ValueError as err:
+                raise ValueError(f"{qrels_path}:{line_no}: score {score!r} is not an integer") from err
+    return BeirData(corpus, queries, qrels)
+
+
+def split_query_ids(
+    queries: Mapping[str, str], *, train_fraction: float = 0.8, seed: int = 0
+) -> tuple[list[str], list[str]]:
+    """Deterministic query-level split of ``queries`` (id → text) into (train ids, held-out ids).
+
+    The side is set by a hash of ``seed`` and the query's normalised text (lower-cased, whitespace collapsed), not by
+    file order: queries with the same text (TAT-QA repeats generic questions across reports) always land on the same
+    side, so no held-out query text is ever trained on, and adding queries never moves existing ones.
+    """
+    if not 0.0 < train_fraction < 1.0:
+        raise ValueError(f"train_fraction is {train_fraction}: it must be strictly between 0 and 1")
+    train, heldout = [], []
+    for query_id, text in queries.items():
+        unit = _text_hash(f"{seed}:{' '.join(text.lower().split())}") / 2.0**64
+        (train if unit < train_fraction else heldout).append(query_id)
+    return train, heldout
+
+
+def build_pair_dataset_from_beir(
+    beir_dir: str | Path,
+    split_queries: Literal["train", "heldout", "all"] = "train",
+    *,
+    task: str,
+    train_fraction: float = 0.8,
+    seed: int = 0,
+    qrels_split: str = "test",
+    stats: PairStats | None = None,
+) -> datasets.Dataset:
+    """Pairs from a BEIR folder's judged queries, restricted to one side of ``split_query_ids`` (``"all"``: no split).
+
+    Per query (one record, see ``_esci_pairs`` for why): the positive is the first document with the query's highest
+    score; documents judged with a lower positive score are hard negatives (graded ESCI qrels: Exact positive,
+    Substitute/Complement negatives); score-0 documents are dropped. Queries without a positive score are counted.
+    """
+    _check_task(task, str(beir_dir))
+    stats = stats if stats is not None else PairStats()
+    beir = load_beir(beir_dir, qrels_split)
+    train_ids, heldout_ids = split_query_ids(beir.queries, train_fraction=train_fraction, seed=seed)
+    chosen = {"train": train_ids, "heldout": heldout_ids, "all": list(beir.queries)}[split_queries]
+    records = []
+    for query_id in chosen:
+        judged = {doc_id: score for doc_id, score in beir.qrels.get(query_id, {}).items() if score > 0}
+        if not judged:
+            stats.skipped["beir_query_without_relevant_doc"] += 1
+            continue
+        top = max(judged.values())
+        positive_id = next(doc_id for doc_id, score in judged.items() if score == top)
+        negatives = [beir_doc_text(beir.corpus[d]) for d, score in judged.items() if score < top]
+        records.append(asdict(PairExample(beir.queries[query_id], beir_doc_text(beir.corpus[positive_id]), negatives, task)))
+        stats.records += 1
+    logger.info("%s (%s queries): %s", beir_dir, split_queries, stats.summary())
+    return datasets.Dataset.from_list(records, features=PAIR_FEATURES)
+
+
+def write_beir_subset(beir_dir: str | Path, out_dir: str | Path, query_ids: Iterable[str], qrels_split: str = "test") -> Path:
+    """Write a BEIR folder holding only ``query_ids`` (e.g. the held-out side of ``split_query_ids``) and their qrels,
+    over the full corpus, for evaluation. Query lines are copied unchanged, so extra fields survive."""
+    source, target = Path(beir_dir), Path(out_dir)
+    keep = set(query_ids)
+    load_beir(source, qrels_split)  # validates the folder before anything is written
+    (target / "qrels").mkdir(parents=True, exist_ok=True)
+    (target / "corpus.jsonl").write_bytes((source / "corpus.jsonl").read_bytes())
+    write_jsonl((obj for _, obj in iter_jsonl(source / "queries.jsonl") if str(obj["_id"]) in keep), target / "queries.jsonl")
+    lines = (source / "qrels" / f"{qrels_split}.tsv").read_text(encoding="utf-8").splitlines()
+    header = ["query-id\tcorpus-id\tscore"]
+    kept = [line for line in lines if line and not line.startswith("query-id\t") and line.split("\t")[0] in keep]
+    (target / "qrels" / f"{qrels_split}.tsv").write_text("\n".join(header + kept) + "\n", encoding="utf-8")
+    return target
