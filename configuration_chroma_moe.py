@@ -140,6 +140,13 @@ class ChromaMoeConfig(PreTrainedConfig):
 
     model_type = "chroma_moe"
     attribute_map = {"num_experts": "n_routed_experts"}
+    # Expert parallelism through transformers' own EP (`from_pretrained(..., distributed_config=DistributedConfig(
+    # ep_size=N))`): each rank holds E/N routed experts and tokens travel by all-to-all.
+    base_model_ep_plan = {
+        "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
+        "layers.*.mlp.experts.down_proj": "grouped_gemm",
+        "layers.*.mlp.experts": "ep_dispatch_experts",
+    }
 
     def __init__(
         self,

@@ -28,6 +28,8 @@ from typing import Any, Literal
 import datasets
 from datasets import interleave_datasets
 
+from evaluation.tasks import RetrievalSet, load_beir
+
 logger = logging.getLogger(__name__)
 
 TEXT_FEATURES = datasets.Features({"text": datasets.Value("string")})
@@ -183,14 +185,14 @@ def _amazon_review_texts(rows: Iterable[dict[str, Any]], source: str) -> Iterato
 
 def _edgar_data_files(config: str | None, split: str) -> str:
     """eloukas/edgar-corpus ships a loading script plus ``<year>/{train,validate,test}.jsonl``; CONFIG is a year
-    (``2020`` or the card's ``year_2020``); no CONFIG reads every year."""
-    year = (config or "*").removeprefix("year_")
+    (``2020`` or the card's ``year_2020``); no CONFIG, or the card's ``full``, reads every year."""
+    year = "*" if config in (None, "full") else config.removeprefix("year_")
     return f"hf://datasets/eloukas/edgar-corpus/{year}/{split}.jsonl"
 
 
 def _financial_reports_sec_data_files(config: str | None, split: str) -> str:
     """financial-reports-sec ships a loading script; its rows are read from the Hub's parquet export
-    (``@~parquet/<config>/<split>/``), whose configs are ``small_lite``, ``small_full``, ``large_lite``, ``large_full``."""
+    (``@~parquet/<config>/<split>/``); configs ``small_lite``, ``small_full``, ``large_lite``, ``large_full``."""
     return f"hf://datasets/JanosAudran/financial-reports-sec@~parquet/{config or 'small_lite'}/{split}/*.parquet"
 
 
@@ -264,7 +266,9 @@ def _local_texts(path: str, text_field: str) -> Iterator[dict[str, str]]:
                 yield {"text": value}
 
 
-def _hub_texts(hub_id: str, config: str | None, split: str, text_field: str, streaming: bool) -> Iterator[dict[str, str]]:
+def _hub_texts(
+    hub_id: str, config: str | None, split: str, text_field: str, streaming: bool
+) -> Iterator[dict[str, str]]:
     source = TEXT_REGISTRY.get(hub_id, HubTextSource(_field_texts(text_field)))
     data_files = source.data_files(config, split) if source.data_files else None
     rows = _open_hub(hub_id, config, split, streaming, data_files=data_files, builder=source.builder)
@@ -279,10 +283,10 @@ def _is_local_spec(spec: str) -> bool:
 def load_text_dataset(spec: str, *, text_field: str = "text", streaming: bool = True) -> datasets.IterableDataset:
     """One text source as an ``IterableDataset`` with the single column ``text``.
 
-    ``spec`` is a local ``.txt`` (one text per non-empty line), ``.jsonl`` (field ``text_field``) or ``.parquet`` (column
-    ``text_field``) path, or ``HUB_ID[:CONFIG[:SPLIT]]``. Hub IDs in ``TEXT_REGISTRY`` go through their schema adapter;
-    other Hub IDs read ``text_field``. With ``streaming=True`` rows are read lazily, so a bad jsonl row raises when
-    iteration reaches it; with ``streaming=False`` the whole source is read and validated here, in memory.
+    ``spec`` is a local ``.txt`` (one text per non-empty line), ``.jsonl`` (field ``text_field``) or ``.parquet``
+    (column ``text_field``) path, or ``HUB_ID[:CONFIG[:SPLIT]]``. Hub IDs in ``TEXT_REGISTRY`` go through their
+    schema adapter; other Hub IDs read ``text_field``. With ``streaming=True`` rows are read lazily, so a bad jsonl
+    row raises when iteration reaches it; with ``streaming=False`` the whole source is read and validated here.
     """
     if _is_local_spec(spec):
         if not Path(spec).is_file():
@@ -507,7 +511,16 @@ class PairStats:
 
 
 PairAdapter = Callable[[Iterable[dict[str, Any]], str, str, PairStats], Iterator[PairExample]]
-ESCI_LABELS = {"exact": "E", "substitute": "S", "complement": "C", "irrelevant": "I", "e": "E", "s": "S", "c": "C", "i": "I"}
+ESCI_LABELS = {
+    "exact": "E",
+    "substitute": "S",
+    "complement": "C",
+    "irrelevant": "I",
+    "e": "E",
+    "s": "S",
+    "c": "C",
+    "i": "I",
+}
 
 
 def _esci_product_text(row: Mapping[str, Any], where: str) -> str:
@@ -555,12 +568,16 @@ def _esci_pairs(rows: Iterable[dict[str, Any]], source: str, task: str, stats: P
                 yield from flush()
                 finished.add(current_id)
             if query_id in finished:
-                raise ValueError(f"{where}: query_id {query_id!r} reappears after its group ended; rows must be grouped by query")
+                raise ValueError(
+                    f"{where}: query_id {query_id!r} reappears after its group ended; rows must be grouped by query"
+                )
             current_id, query, positive, negatives = query_id, _required(row, "query", where), None, []
         raw_label = _required(row, "esci_label", where)
         label = ESCI_LABELS.get(str(raw_label).strip().lower())
         if label is None:
-            raise ValueError(f"{where}: unknown esci_label {raw_label!r} (expected Exact/Substitute/Complement/Irrelevant)")
+            raise ValueError(
+                f"{where}: unknown esci_label {raw_label!r} (expected Exact/Substitute/Complement/Irrelevant)"
+            )
         if label == "I":
             stats.skipped["esci_irrelevant_judgment"] += 1
         elif label == "E":
@@ -615,7 +632,9 @@ def _msmarco_pairs(rows: Iterable[dict[str, Any]], source: str, task: str, stats
             stats.skipped["msmarco_query_without_selected_passage"] += 1
             continue
         stats.records += 1
-        yield PairExample(_required(row, "query", where), positives[0], [t for f, t in zip(selected, texts) if not f], task)
+        yield PairExample(
+            _required(row, "query", where), positives[0], [t for f, t in zip(selected, texts) if not f], task
+        )
 
 
 def _first_text(value: Any) -> str | None:
@@ -630,9 +649,7 @@ def _text_list(value: Any) -> list[str]:
     return list(value) if isinstance(value, list) else [value]
 
 
-def _query_positive_negative_pairs(
-    query_key: str, positive_key: str, negative_key: str | None
-) -> PairAdapter:
+def _query_positive_negative_pairs(query_key: str, positive_key: str, negative_key: str | None) -> PairAdapter:
     """Rows that already are pairs: ``query_key``, ``positive_key`` (a string or a list whose first item is used) and
     optionally ``negative_key`` (a string or a list). Covers NQ and FinMTEB-style training triples."""
 
@@ -710,7 +727,9 @@ def _local_pairs(path: str, task: str | None, stats: PairStats) -> Iterator[Pair
         yield record
 
 
-def _hub_pairs(hub_id: str, config: str | None, split: str, task: str | None, streaming: bool, stats: PairStats) -> Iterator[PairExample]:
+def _hub_pairs(
+    hub_id: str, config: str | None, split: str, task: str | None, streaming: bool, stats: PairStats
+) -> Iterator[PairExample]:
     source = PAIR_REGISTRY.get(hub_id, GENERIC_PAIR_SOURCE)
     task = _check_task(task or source.task, hub_id)
     data_files = source.data_files(config, split) if source.data_files else None
@@ -758,55 +777,6 @@ def load_pair_dataset(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class BeirData:
-    """A BEIR folder in memory: corpus ``_id`` → {title, text, …}, query ``_id`` → text, qrels qid → {doc id: score}."""
-
-    corpus: dict[str, dict[str, Any]]
-    queries: dict[str, str]
-    qrels: dict[str, dict[str, int]]
-
-
-def beir_doc_text(doc: Mapping[str, Any]) -> str:
-    """Title and text joined by a space, as mteb's retrieval evaluation feeds them to the model."""
-    title = (doc.get("title") or "").strip()
-    return f"{title} {doc.get('text') or ''}".strip() if title else doc.get("text") or ""
-
-
-def load_beir(beir_dir: str | Path, split: str = "test") -> BeirData:
-    """Read ``corpus.jsonl``, ``queries.jsonl`` and ``qrels/<split>.tsv`` (header ``query-id corpus-id score``),
-    checking that every qrel names a known query and document."""
-    root = Path(beir_dir)
-    corpus: dict[str, dict[str, Any]] = {}
-    for line_no, obj in iter_jsonl(root / "corpus.jsonl"):
-        corpus[str(_required(obj, "_id", f"{root / 'corpus.jsonl'}:{line_no}"))] = obj
-    queries: dict[str, str] = {}
-    for line_no, obj in iter_jsonl(root / "queries.jsonl"):
-        where = f"{root / 'queries.jsonl'}:{line_no}"
-        queries[str(_required(obj, "_id", where))] = _required(obj, "text", where)
-    qrels_path = root / "qrels" / f"{split}.tsv"
-    if not qrels_path.is_file():
-        raise FileNotFoundError(f"qrels file not found: {qrels_path}")
-    qrels: dict[str, dict[str, int]] = {}
-    with qrels_path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            cells = line.rstrip("\n").split("\t")
-            if line_no == 1 and cells[0] == "query-id":
-                continue
-            if len(cells) != 3:
-                raise ValueError(f"{qrels_path}:{line_no}: expected 3 tab-separated columns, got {len(cells)}")
-            query_id, doc_id, score = cells
-            if query_id not in queries:
-                raise ValueError(f"{qrels_path}:{line_no}: unknown query-id {query_id!r}")
-            if doc_id not in corpus:
-                raise ValueError(f"{qrels_path}:{line_no}: unknown corpus-id {doc_id!r}")
-            try:
-                qrels.setdefault(query_id, {})[doc_id] = int(score)
-            except ValueError as err:
-                raise ValueError(f"{qrels_path}:{line_no}: score {score!r} is not an integer") from err
-    return BeirData(corpus, queries, qrels)
-
-
 def split_query_ids(
     queries: Mapping[str, str], *, train_fraction: float = 0.8, seed: int = 0
 ) -> tuple[list[str], list[str]]:
@@ -825,6 +795,10 @@ def split_query_ids(
     return train, heldout
 
 
+def _beir_split(beir: RetrievalSet, train_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    return split_query_ids(dict(zip(beir.query_ids, beir.query_texts)), train_fraction=train_fraction, seed=seed)
+
+
 def build_pair_dataset_from_beir(
     beir_dir: str | Path,
     split_queries: Literal["train", "heldout", "all"] = "train",
@@ -832,46 +806,49 @@ def build_pair_dataset_from_beir(
     task: str,
     train_fraction: float = 0.8,
     seed: int = 0,
-    qrels_split: str = "test",
     stats: PairStats | None = None,
 ) -> datasets.Dataset:
     """Pairs from a BEIR folder's judged queries, restricted to one side of ``split_query_ids`` (``"all"``: no split).
 
-    Per query (one record, see ``_esci_pairs`` for why): the positive is the first document with the query's highest
-    score; documents judged with a lower positive score are hard negatives (graded ESCI qrels: Exact positive,
-    Substitute/Complement negatives); score-0 documents are dropped. Queries without a positive score are counted.
+    The folder is read by ``evaluation.tasks.load_beir`` (validated; only queries with a relevant document; documents
+    as ``title + " " + text``, the way mteb and our evaluation feed them to the model). Per query, one record (see
+    ``_esci_pairs`` for why): the positive is the first document with the query's highest grade, documents with a
+    lower positive grade are hard negatives (graded ESCI qrels: Exact positive, Substitute/Complement negatives), and
+    grade-0 documents are dropped.
     """
     _check_task(task, str(beir_dir))
     stats = stats if stats is not None else PairStats()
-    beir = load_beir(beir_dir, qrels_split)
-    train_ids, heldout_ids = split_query_ids(beir.queries, train_fraction=train_fraction, seed=seed)
-    chosen = {"train": train_ids, "heldout": heldout_ids, "all": list(beir.queries)}[split_queries]
+    beir = load_beir(beir_dir)
+    documents = dict(zip(beir.doc_ids, beir.doc_texts))
+    queries = dict(zip(beir.query_ids, beir.query_texts))
+    train_ids, heldout_ids = _beir_split(beir, train_fraction, seed)
+    chosen = {"train": train_ids, "heldout": heldout_ids, "all": beir.query_ids}[split_queries]
     records = []
     for query_id in chosen:
-        judged = {doc_id: score for doc_id, score in beir.qrels.get(query_id, {}).items() if score > 0}
-        if not judged:
-            stats.skipped["beir_query_without_relevant_doc"] += 1
-            continue
+        judged = {doc_id: grade for doc_id, grade in beir.qrels[query_id].items() if grade > 0}
         top = max(judged.values())
-        positive_id = next(doc_id for doc_id, score in judged.items() if score == top)
-        negatives = [beir_doc_text(beir.corpus[d]) for d, score in judged.items() if score < top]
-        records.append(asdict(PairExample(beir.queries[query_id], beir_doc_text(beir.corpus[positive_id]), negatives, task)))
+        positive_id = next(doc_id for doc_id, grade in judged.items() if grade == top)
+        negatives = [documents[doc_id] for doc_id, grade in judged.items() if grade < top]
+        records.append(asdict(PairExample(queries[query_id], documents[positive_id], negatives, task)))
         stats.records += 1
     logger.info("%s (%s queries): %s", beir_dir, split_queries, stats.summary())
     return datasets.Dataset.from_list(records, features=PAIR_FEATURES)
 
 
-def write_beir_subset(beir_dir: str | Path, out_dir: str | Path, query_ids: Iterable[str], qrels_split: str = "test") -> Path:
-    """Write a BEIR folder holding only ``query_ids`` (e.g. the held-out side of ``split_query_ids``) and their qrels,
-    over the full corpus, for evaluation. Query lines are copied unchanged, so extra fields survive."""
+def write_heldout_beir(
+    beir_dir: str | Path, out_dir: str | Path, *, train_fraction: float = 0.8, seed: int = 0
+) -> Path:
+    """Write the held-out side of the split that ``build_pair_dataset_from_beir`` uses with the same ``train_fraction``
+    and ``seed`` as a BEIR folder (full corpus, held-out queries and their qrels) for evaluation. Query lines are
+    copied unchanged, so extra fields survive."""
     source, target = Path(beir_dir), Path(out_dir)
-    keep = set(query_ids)
-    load_beir(source, qrels_split)  # validates the folder before anything is written
+    keep = set(_beir_split(load_beir(source), train_fraction, seed)[1])
     (target / "qrels").mkdir(parents=True, exist_ok=True)
     (target / "corpus.jsonl").write_bytes((source / "corpus.jsonl").read_bytes())
-    write_jsonl((obj for _, obj in iter_jsonl(source / "queries.jsonl") if str(obj["_id"]) in keep), target / "queries.jsonl")
-    lines = (source / "qrels" / f"{qrels_split}.tsv").read_text(encoding="utf-8").splitlines()
-    header = ["query-id\tcorpus-id\tscore"]
-    kept = [line for line in lines if line and not line.startswith("query-id\t") and line.split("\t")[0] in keep]
-    (target / "qrels" / f"{qrels_split}.tsv").write_text("\n".join(header + kept) + "\n", encoding="utf-8")
+    write_jsonl(
+        (obj for _, obj in iter_jsonl(source / "queries.jsonl") if obj["_id"] in keep), target / "queries.jsonl"
+    )
+    lines = (source / "qrels" / "test.tsv").read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines[1:] if line.split("\t")[0] in keep]
+    (target / "qrels" / "test.tsv").write_text("\n".join(lines[:1] + kept) + "\n", encoding="utf-8")
     return target

