@@ -47,10 +47,17 @@ def test_forward_backward_shapes(pooling_type):
     mask[1, 11:] = 0
     model(input_ids=ids, attention_mask=mask).sentence_embedding.sum().backward()  # warm-up: first-call kernel setup
     model.zero_grad(set_to_none=True)
-    start = time.process_time()  # CPU time of this process: other load on the machine does not count
-    out = model(input_ids=ids, attention_mask=mask)
-    out.sentence_embedding.pow(2).sum().backward()
-    elapsed = time.process_time() - start
+    # CPU time of this process on one thread: other load on the machine does not count, and no OpenMP thread spins
+    # waiting for a core that another process holds.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.process_time()
+        out = model(input_ids=ids, attention_mask=mask)
+        out.sentence_embedding.pow(2).sum().backward()
+        elapsed = time.process_time() - start
+    finally:
+        torch.set_num_threads(threads)
     assert out.sentence_embedding.shape == (2, config.embedding_dim)
     assert out.last_hidden_state.shape == (2, 16, config.hidden_size)
     assert torch.allclose(out.sentence_embedding.norm(dim=-1), torch.ones(2), atol=1e-5)

@@ -1,0 +1,279 @@
+"""One evaluation command for every model and task: ``python -m evaluation.run``.
+
+Example::
+
+    python -m evaluation.run --model bm25 --model minilm \\
+        --task beir:../shared/data/retrieval/tatqa_finance_dev --task sts:../shared/data/sts/stsb_multi_mt_dev.tsv \\
+        --output results.json --markdown results.md --plot results.png
+
+Models: a sentence-transformers folder, ``bm25`` or ``minilm``. Tasks (``KIND:TARGET``):
+
+- ``beir:DIR``   retrieval over the whole corpus, top 100 kept per query → ``ndcg@10``, ``recall@100``, ``mrr@10``
+- ``esci:DIR``   ESCI re-ranking: each query ranks only its judged products → the same metrics plus
+  ``exact_over_substitute``
+- ``sts:FILE``   ``spearman`` (mean over languages) and ``spearman_<lang>``
+- ``probe:FILE`` TSV with ``text``/``label`` → ``accuracy``, ``macro_f1`` (cross-validated logistic regression) and
+  ``v_measure`` (k-means)
+- ``mteb:NAME``  an mteb task by name (its main score); skipped with a note when its data cannot be fetched
+
+``results.json``::
+
+    {"tasks":  {task: {model: {metric: value}}},
+     "models": {model: {"params_total", "params_active", "embedding_dim", "max_seq_length", "similarity", ...,
+                        "time_s": {task: seconds}}},
+     "notes":  {task: {model: {"truncated_*", "skipped", ...}}},
+     "data":   {task: {counts of the loaded set: queries evaluated, empty texts, ...}}}
+
+A task is named ``KIND:<folder or file stem>`` (``beir:tatqa_finance_dev``); a model by its argument.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .models import Bm25Model, DenseModel, load_model
+from .tasks import (
+    ProbeSet,
+    RetrievalSet,
+    StsSet,
+    esci_grade_scheme,
+    exact_over_substitute,
+    load_beir,
+    load_probe,
+    load_sts,
+    probe_metrics,
+    rank_documents,
+    retrieval_metrics,
+    sts_spearman,
+)
+
+TASK_KINDS = ("beir", "esci", "sts", "probe", "mteb")
+
+
+@dataclass
+class TaskSpec:
+    """A parsed ``KIND:TARGET`` task argument."""
+
+    kind: str
+    target: str
+
+    @property
+    def name(self) -> str:
+        """The task's key in results: the mteb name, the folder name (beir, esci) or the file stem (sts, probe)."""
+        if self.kind == "mteb":
+            return f"mteb:{self.target}"
+        path = Path(self.target.rstrip("/"))
+        return f"{self.kind}:{path.name if self.kind in ('beir', 'esci') else path.stem}"
+
+
+def parse_task(spec: str) -> TaskSpec:
+    """Split ``KIND:TARGET``; an unknown kind is an error listing the known ones."""
+    kind, sep, target = spec.partition(":")
+    if not sep or kind not in TASK_KINDS or not target:
+        raise ValueError(f"task {spec!r}: expected KIND:TARGET with KIND one of {', '.join(TASK_KINDS)}")
+    return TaskSpec(kind, target)
+
+
+def load_task_data(spec: TaskSpec) -> RetrievalSet | StsSet | ProbeSet | None:
+    """Load and validate a task's data once, before any model runs (mteb tasks load inside mteb)."""
+    if spec.kind in ("beir", "esci"):
+        data = load_beir(spec.target)
+        if spec.kind == "esci":
+            esci_grade_scheme(data, spec.target)
+        return data
+    if spec.kind == "sts":
+        return load_sts(spec.target)
+    if spec.kind == "probe":
+        return load_probe(spec.target)
+    return None
+
+
+def _no_embeddings(spec: TaskSpec) -> tuple[dict[str, float], dict[str, Any]]:
+    return {}, {"skipped": f"bm25 produces no text embeddings, which {spec.kind} needs"}
+
+
+def _retrieval(model: Bm25Model | DenseModel, data: RetrievalSet, spec: TaskSpec) -> tuple[dict, dict]:
+    """Score matrix → top-100 ranking → ranx; ESCI ranks each query's judged products only."""
+    scores = model.score_matrix(data.query_texts, data.doc_texts)  # [Q, D]
+    note: dict[str, Any] = {
+        "truncated_queries": model.count_truncated(data.query_texts, "query"),
+        "truncated_documents": model.count_truncated(data.doc_texts, "document"),
+    }
+    candidates = None
+    if spec.kind == "esci":
+        doc_index = {doc_id: i for i, doc_id in enumerate(data.doc_ids)}
+        candidates = [np.array([doc_index[d] for d in data.qrels[qid]]) for qid in data.query_ids]
+    rankings = rank_documents(scores, data.doc_ids, candidates)
+    metrics = retrieval_metrics(
+        data.qrels, {qid: [data.doc_ids[i] for i in ranked] for qid, ranked in zip(data.query_ids, rankings)}
+    )
+    if spec.kind == "esci":
+        scheme_name, scheme = esci_grade_scheme(data, spec.target)
+        metrics["exact_over_substitute"], note["exact_substitute_pairs"] = exact_over_substitute(
+            scores, data, scheme["E"], scheme["S"]
+        )
+        note["esci_grades"] = scheme_name
+        note["protocol"] = "re-ranking of each query's judged products"
+    return metrics, note
+
+
+def run_task(model: Bm25Model | DenseModel, spec: TaskSpec, data: Any) -> tuple[dict[str, float], dict[str, Any]]:
+    """Evaluate one model on one task: ``(metrics, note)``."""
+    if spec.kind in ("beir", "esci"):
+        return _retrieval(model, data, spec)
+    if spec.kind == "mteb":
+        from .mteb_tasks import run_mteb_task
+
+        return run_mteb_task(spec.target, model)
+    if not isinstance(model, DenseModel):
+        return _no_embeddings(spec)
+    if spec.kind == "sts":
+        texts = list(dict.fromkeys(data.sentences1 + data.sentences2))
+        metrics = sts_spearman(model.pair_scores(data.sentences1, data.sentences2), data)
+        return metrics, {"unique_texts": len(texts), "truncated_texts": model.count_truncated(texts, "query")}
+    normalize = model.model.similarity_fn_name == "cosine"
+    metrics = probe_metrics(model.embed(data.texts), data.labels, normalize=normalize)
+    return metrics, {"truncated_texts": model.count_truncated(data.texts, "query")}
+
+
+def evaluate(models: list[str], tasks: list[str]) -> dict[str, Any]:
+    """Evaluate every model on every task; returns the ``results.json`` structure (see the module docstring).
+
+    All task files are loaded and validated first, so a bad row fails in seconds, not after an hour of encoding.
+    Each model is loaded once and freed before the next.
+    """
+    from tqdm.auto import tqdm
+
+    specs = [parse_task(task) for task in tasks]
+    names = [spec.name for spec in specs]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"tasks {duplicates} given twice (a task is named by its folder or file stem)")
+    data = {spec.name: load_task_data(spec) for spec in specs}
+    results: dict[str, Any] = {
+        "tasks": {name: {} for name in names},
+        "models": {},
+        "notes": {name: {} for name in names},
+        "data": {name: loaded.counts for name, loaded in data.items() if loaded is not None},
+    }
+    for model_spec in models:
+        model = load_model(model_spec)
+        if model.name in results["models"]:
+            raise ValueError(f"model {model.name!r} given twice")
+        info = model.info()
+        info["time_s"] = {}
+        for spec in tqdm(specs, desc=f"tasks for {model.name}", unit="task"):
+            start = time.perf_counter()
+            metrics, note = run_task(model, spec, data[spec.name])
+            info["time_s"][spec.name] = round(time.perf_counter() - start, 1)
+            results["tasks"][spec.name][model.name] = metrics
+            results["notes"][spec.name][model.name] = note
+        results["models"][model.name] = info
+        del model
+    return results
+
+
+def _finite_or_none(value: Any) -> Any:
+    """JSON has no NaN: a metric that is undefined (e.g. Spearman of constant scores) is written as null."""
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _format(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """Side-by-side table (rows task/metric, columns models), a model table and the notes that qualify numbers."""
+    models = list(results["models"])
+    lines = ["| task | metric | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
+    for task, per_model in results["tasks"].items():
+        metrics = list(dict.fromkeys(metric for model in models for metric in per_model.get(model, {})))
+        if not metrics:
+            lines.append(f"| {task} | — | " + " | ".join("skipped" for _ in models) + " |")
+        for metric in metrics:
+            cells = [_format(per_model.get(model, {}).get(metric)) for model in models]
+            lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+    lines += ["", "| model | params total | params active | embedding dim | max tokens | similarity | time (s) |"]
+    lines.append("|---|---|---|---|---|---|---|")
+    for model, info in results["models"].items():
+        row = [info.get(key) for key in ("params_total", "params_active", "embedding_dim", "max_seq_length")]
+        cells = [f"{value:,}" if isinstance(value, int) else _format(value) for value in row]
+        total_time = sum(info["time_s"].values())
+        lines.append(f"| {model} | " + " | ".join(cells) + f" | {info['similarity']} | {total_time:.0f} |")
+    notes = [
+        f"- {task} / {model}: " + ", ".join(f"{key}={_format(value)}" for key, value in note.items())
+        for task, per_model in results["notes"].items()
+        for model, note in per_model.items()
+        if note
+    ]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def bar_chart(results: dict[str, Any], path: str | Path) -> None:
+    """Grouped bar chart: one group per (task, metric), one bar per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(results["models"])
+    groups = [
+        (task, metric)
+        for task, per_model in results["tasks"].items()
+        for metric in dict.fromkeys(m for model in models for m in per_model.get(model, {}))
+    ]
+    positions = np.arange(len(groups))
+    width = 0.8 / max(len(models), 1)
+    figure, axes = plt.subplots(figsize=(max(6.0, 0.6 * len(groups) * max(len(models), 1)), 5))
+    for i, model in enumerate(models):
+        values = [results["tasks"][task].get(model, {}).get(metric) for task, metric in groups]
+        heights = [value if value is not None and math.isfinite(value) else 0.0 for value in values]
+        axes.bar(positions + (i - (len(models) - 1) / 2) * width, heights, width, label=model)
+    axes.set_xticks(positions, [f"{task}\n{metric}" for task, metric in groups], rotation=60, ha="right", fontsize=7)
+    axes.set_ylabel("score")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    parser = argparse.ArgumentParser(prog="python -m evaluation.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", action="append", required=True, help="ST folder, 'bm25' or 'minilm' (repeat)")
+    parser.add_argument("--task", action="append", required=True, help=f"KIND:TARGET, KIND in {TASK_KINDS} (repeat)")
+    parser.add_argument("--output", required=True, type=Path, help="results.json to write")
+    parser.add_argument("--markdown", type=Path, help="write a side-by-side markdown table here")
+    parser.add_argument("--plot", type=Path, help="write a grouped bar chart (PNG) here")
+    args = parser.parse_args(argv)
+    results = _finite_or_none(evaluate(args.model, args.task))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+    table = markdown_table(results)
+    if args.markdown:
+        args.markdown.write_text(table)
+    if args.plot:
+        bar_chart(results, args.plot)
+    sys.stdout.write(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
