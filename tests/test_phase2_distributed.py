@@ -1,0 +1,134 @@
+"""Phase 2 with 2 processes (gloo on CPU, through Accelerate's DDP): every query is scored against the documents and
+hard negatives of both processes, and the loss and every gradient (routers and temperature included) equal one
+process running the whole global batch.
+
+The file is also the worker: `python -m torch.distributed.run --nproc_per_node 2 tests/test_phase2_distributed.py OUT`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from test_phase2 import random_features  # tests/ is on sys.path under pytest and when this file runs as the worker
+
+REPO = Path(__file__).resolve().parents[1]
+WORLD = 2
+QUERIES_PER_PROCESS = 2
+NEGATIVES_PER_PROCESS = (3, 1)  # uneven on purpose: the gather pads, the balance-loss weights use global counts
+# Text ids for the false-negative mask, with collisions across processes: pair 2 (process 1) repeats pair 0's positive,
+# and process 0's second hard negative is pair 1's positive.
+PAIR_IDS = torch.tensor([[1, 101], [2, 102], [3, 101], [4, 104]])
+NEGATIVE_IDS = torch.tensor([105, 102, 106, 107])
+
+
+def _fresh(seed: int = 0):
+    from configuration_chroma_moe import ChromaMoeConfig
+    from modeling_chroma_moe import ChromaMoeForEmbedding
+    from train.contrastive import InfoNCELoss
+
+    torch.manual_seed(seed)
+    config = ChromaMoeConfig.from_preset("chroma-moe-tiny", router_aux_loss_coef=0.5)
+    return ChromaMoeForEmbedding(config).train(), InfoNCELoss(temperature=0.05, symmetric=True, matryoshka_dims=[32, 16])
+
+
+def _grads(model, loss_fn) -> dict[str, torch.Tensor]:
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    grads["log_temperature"] = loss_fn.log_temperature.grad.detach().clone()
+    return grads
+
+
+def worker(out_path: str) -> None:
+    """Each process: the single-process full-batch reference first (no process group yet), then its own share of the
+    batch under Accelerate/DDP; rank 0 writes the comparison."""
+    from train.common import make_accelerator
+    from train.contrastive import ContrastiveBatch, grad_cache_step
+
+    torch.set_num_threads(1)
+    generator = torch.Generator().manual_seed(1)
+    queries = random_features(generator, WORLD * QUERIES_PER_PROCESS, 10)
+    positives = random_features(generator, WORLD * QUERIES_PER_PROCESS, 12)
+    negatives = random_features(generator, sum(NEGATIVES_PER_PROCESS), 12)
+
+    model, loss_fn = _fresh()
+    reference = grad_cache_step(
+        model, loss_fn, ContrastiveBatch(queries, positives, negatives, PAIR_IDS, NEGATIVE_IDS), chunk_size=64
+    )
+    expected = _grads(model, loss_fn)
+
+    accelerator = make_accelerator(Path(out_path).parent / "accelerate", "no")
+    rank = accelerator.process_index
+    model, loss_fn = _fresh()
+    model = accelerator.prepare(model)
+    rows = slice(rank * QUERIES_PER_PROCESS, (rank + 1) * QUERIES_PER_PROCESS)
+    first = sum(NEGATIVES_PER_PROCESS[:rank])
+    local_negatives = slice(first, first + NEGATIVES_PER_PROCESS[rank])
+    local = ContrastiveBatch(
+        {k: v[rows] for k, v in queries.items()},
+        {k: v[rows] for k, v in positives.items()},
+        {k: v[local_negatives] for k, v in negatives.items()},
+        PAIR_IDS[rows],
+        NEGATIVE_IDS[local_negatives],
+    )
+    output = grad_cache_step(
+        model, loss_fn, local, chunk_size=1, backward=accelerator.backward, no_sync=lambda: accelerator.no_sync(model)
+    )
+    loss = accelerator.reduce(output.loss, reduction="mean")
+    aux = accelerator.reduce(output.aux_loss, reduction="mean")
+    actual = _grads(accelerator.unwrap_model(model), loss_fn)
+    errors = {name: float((actual[name] - grad).norm() / grad.norm().clamp_min(1e-12)) for name, grad in expected.items()}
+    if rank == 0:
+        result = {
+            "world": accelerator.num_processes,
+            "distributed_type": str(accelerator.distributed_type),
+            "wrapped": type(model).__name__,
+            "loss": float(loss),
+            "reference_loss": float(reference.loss),
+            "aux_loss": float(aux),
+            "reference_aux_loss": float(reference.aux_loss),
+            "missing": sorted(set(expected) - set(actual)),
+            "errors": errors,
+        }
+        Path(out_path).write_text(json.dumps(result))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with the gloo backend is unavailable"
+)
+def test_two_processes_equal_one_full_batch(tmp_path):
+    out = tmp_path / "result.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", f"--master_port={_free_port()}",
+               str(Path(__file__).resolve()), str(out)]  # fmt: skip
+    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["world"] == WORLD and result["wrapped"] == "DistributedDataParallel", result
+    assert result["missing"] == []
+    assert abs(result["loss"] - result["reference_loss"]) <= 1e-5 * abs(result["reference_loss"]), result
+    assert abs(result["aux_loss"] - result["reference_aux_loss"]) <= 1e-5 * abs(result["reference_aux_loss"]), result
+    routers = [name for name in result["errors"] if name.endswith("mlp.gate.weight")]
+    assert len(routers) == 2 and "log_temperature" in result["errors"]
+    worst = max(result["errors"], key=result["errors"].get)
+    assert result["errors"][worst] <= 1e-5, f"{worst}: relative gradient error {result['errors'][worst]:.2e}"
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])

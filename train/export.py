@@ -1,0 +1,263 @@
+"""Export a trained Chroma-MoE model as a complete Hugging Face Hub folder, and optionally upload it.
+
+    python -m train.export --model DIR --output HUB_DIR [--results results.json] [--push-to-hub ORG/NAME]
+
+`DIR` is a sentence-transformers folder (phase 2's final folder, with `modules.json`) or a transformers folder of a
+`ChromaMoeForEmbedding` / `ChromaMoeForMaskedLM` with its tokenizer (wrapped with the default prompts). The Hub folder
+gets the safetensors weights, `config.json` with the full `auto_map`, the three code files at the root, the tokenizer,
+the sentence-transformers files (`modules.json`, `config_sentence_transformers.json`, `sentence_bert_config.json`) and a
+model card (`README.md`) whose YAML metadata the Hub reads (library, pipeline tag, tags, license, datasets) with the
+model's size (parameters total / active per token) and, given `--results` from `python -m evaluation.run`, its
+evaluation table. The code files are this repository's current ones, so an export ships the code it was tested with.
+`--push-to-hub` uploads exactly the files listed after the export (`HfApi.upload_folder` with `allow_patterns`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import HfApi, ModelCardData
+from sentence_transformers import SentenceTransformer
+
+from configuration_chroma_moe import ChromaMoeConfig
+from evaluation.run import markdown_table
+from modeling_chroma_moe import count_parameters
+from sentence_chroma_moe import CODE_FILES, build_sentence_transformer, save_sentence_transformer
+
+logger = logging.getLogger(__name__)
+
+# Phase-1 pretraining mix (tokenization/configs/seed_mix.yaml) and the multilingual pair source; pass --datasets to
+# name the actual training sets of a release.
+DEFAULT_DATASETS = ("thebajajra/Ecom-niverse", "eloukas/edgar-corpus", "PhilipMay/stsb_multi_mt")
+TAGS = (
+    "sentence-transformers",
+    "sentence-similarity",
+    "feature-extraction",
+    "text-embeddings",
+    "mixture-of-experts",
+    "moe",
+    "finance",
+    "retail",
+    "custom_code",
+)
+REQUIRED_FILES = (
+    "README.md",
+    "config.json",
+    "config_sentence_transformers.json",
+    "modules.json",
+    "sentence_bert_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    *CODE_FILES,
+)
+
+
+def load_for_export(model_dir: str | Path) -> SentenceTransformer:
+    """The model of `model_dir` as a `SentenceTransformer`: loaded as is when the folder has `modules.json`, else
+    wrapped from its transformers checkpoint and tokenizer with `build_sentence_transformer`'s defaults."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir / 'config.json'} not found: --model must be a saved Chroma-MoE folder")
+    if (model_dir / "modules.json").is_file():
+        return SentenceTransformer(str(model_dir), trust_remote_code=True, local_files_only=True, device="cpu")
+    if not (model_dir / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{model_dir / 'tokenizer.json'} not found: the model folder must hold its tokenizer")
+    return build_sentence_transformer(model_dir, model_dir)
+
+
+def model_card(
+    st_model: SentenceTransformer,
+    *,
+    model_id: str,
+    datasets: list[str],
+    results: dict[str, Any] | None = None,
+    base_model: str | None = None,
+) -> str:
+    """The README.md: Hub metadata (YAML front matter written by `huggingface_hub.ModelCardData`) and the body."""
+    config: ChromaMoeConfig = st_model[0].model.config
+    params = count_parameters(config)
+    metadata = ModelCardData(
+        library_name="sentence-transformers",
+        pipeline_tag="sentence-similarity",
+        license="apache-2.0",
+        tags=list(TAGS),
+        datasets=list(datasets),
+        base_model=base_model,
+    )
+    attention = "grouped-query attention"
+    if config.attention_type == "mla":
+        attention = "Multi-Head Latent Attention (DeepSeek-V2)"
+    moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+    prompts = st_model.prompts
+    details = [
+        ("Architecture", (f"bidirectional sparse MoE encoder: {attention}, shared + routed SwiGLU experts "
+                          f"(DeepSeekMoE), `{config.pooling_type}` pooling head")),
+        ("Parameters", f"{params['total']:,} total, {params['active']:,} active per token"),
+        ("Layers", f"{config.num_hidden_layers} ({config.num_hidden_layers - moe_layers} dense, {moe_layers} MoE)"),
+        ("Hidden size", str(config.hidden_size)),
+        ("Experts per MoE layer", (f"{config.n_routed_experts} routed (top-{config.num_experts_per_tok}, width "
+                                   f"{config.moe_intermediate_size}) + {config.n_shared_experts} shared")),
+        ("Embedding dimension", str(config.embedding_dim)),
+        ("Max sequence length", f"{st_model.max_seq_length} tokens (positions up to {config.max_position_embeddings})"),
+        ("Similarity", st_model.similarity_fn_name),
+        ("Query prompt", f"`{prompts.get('query', '')}`"),
+        ("Document prompt", f"`{prompts.get('document', '')}`" if prompts.get("document") else "none"),
+        ("Vocabulary", f"{config.vocab_size:,} byte-level BPE tokens"),
+    ]  # fmt: skip
+    lines = [
+        "---",
+        metadata.to_yaml(),
+        "---",
+        "",
+        f"# {model_id.split('/')[-1]}",
+        "",
+        ("Chroma-MoE is a sparse Mixture-of-Experts text-embedding model for finance and retail search and "
+         "multilingual use. Every token runs through a few of many small experts, so the model holds far more "
+         "parameters than it computes with. The instruction of a query is attended to but left out of the pooled "
+         "embedding."),
+        "",
+        "## Model details",
+        "",
+        "| | |",
+        "|---|---|",
+        *(f"| {name} | {value} |" for name, value in details),
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "from sentence_transformers import SentenceTransformer",
+        "",
+        f'model = SentenceTransformer("{model_id}", trust_remote_code=True)',
+        'queries = model.encode_query(["What was the change in revenue between 2018 and 2019?"])',
+        'documents = model.encode_document(["Revenue rose from $1.2m in 2018 to $1.5m in 2019."])',
+        "print(model.similarity(queries, documents))",
+        "```",
+        "",
+        ("With transformers only (`sentence_embedding` pools every token; pass `pooling_mask` to exclude an "
+         "instruction prefix):"),
+        "",
+        "```python",
+        "from transformers import AutoModelForTextEncoding, AutoTokenizer",
+        "",
+        f'tokenizer = AutoTokenizer.from_pretrained("{model_id}", trust_remote_code=True)',
+        f'model = AutoModelForTextEncoding.from_pretrained("{model_id}", trust_remote_code=True)',
+        'batch = tokenizer(["hdmi cable 2m"], padding=True, return_tensors="pt")',
+        'embeddings = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).sentence_embedding',
+        "```",
+        "",
+        "## Evaluation",
+        "",
+        markdown_table(results) if results else "No evaluation results were given to this export.",
+        "",
+        "## Training data",
+        "",
+        *(f"- [{name}](https://huggingface.co/datasets/{name})" for name in datasets),
+        "",
+        "## License",
+        "",
+        "Apache-2.0.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def read_results(path: str | Path) -> dict[str, Any]:
+    """An `evaluation.run` results file:
+    `{"tasks": {task: {model: {metric: value}}}, "models": {model: {...}}, ...}`."""
+    path = Path(path)
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+    for key in ("tasks", "models"):
+        if not isinstance(results.get(key), dict):
+            raise ValueError(
+                f"{path}: field {key!r} missing or not an object; expected python -m evaluation.run output"
+            )
+    return results
+
+
+def folder_files(folder: Path) -> list[str]:
+    """Every file under `folder`, as sorted POSIX paths relative to it."""
+    return sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
+
+
+def export(
+    model_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    results_path: str | Path | None = None,
+    datasets: list[str] | None = None,
+    model_id: str | None = None,
+    base_model: str | None = None,
+) -> list[str]:
+    """Write the Hub folder and return the files in it (relative paths, sorted). `output_dir` must be new or empty,
+    so nothing stale is uploaded with it."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise FileExistsError(f"{output_dir} is not empty: export into a new folder")
+    results = read_results(results_path) if results_path else None
+    st_model = load_for_export(model_dir)
+    save_sentence_transformer(st_model, output_dir)
+    card = model_card(
+        st_model,
+        model_id=model_id or output_dir.name,
+        datasets=list(DEFAULT_DATASETS if datasets is None else datasets),
+        results=results,
+        base_model=base_model,
+    )
+    (output_dir / "README.md").write_text(card, encoding="utf-8")
+    files = folder_files(output_dir)
+    missing = [name for name in REQUIRED_FILES if name not in files]
+    if not any(name.endswith(".safetensors") for name in files):
+        missing.append("model.safetensors")
+    if missing:
+        raise FileNotFoundError(f"export to {output_dir} is missing {missing}")
+    return files
+
+
+def push_to_hub(output_dir: str | Path, repo_id: str, files: list[str], api: HfApi | None = None) -> str:
+    """Create `repo_id` if needed and upload exactly `files` of `output_dir` in one commit; returns the commit URL."""
+    api = api or HfApi()
+    api.create_repo(repo_id, repo_type="model", exist_ok=True)
+    commit = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(output_dir),
+        repo_type="model",
+        allow_patterns=files,
+        commit_message="Upload Chroma-MoE export",
+    )
+    return str(commit.commit_url)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="sentence-transformers or transformers folder of the model")
+    parser.add_argument("--output", required=True, help="new (or empty) folder for the Hub files")
+    parser.add_argument("--results", help="results.json of python -m evaluation.run, shown in the model card")
+    parser.add_argument("--push-to-hub", metavar="ORG/NAME", help="upload the folder to this Hub model repository")
+    parser.add_argument(
+        "--datasets", nargs="+", help=f"Hub ids of the training data (default: {' '.join(DEFAULT_DATASETS)})"
+    )
+    parser.add_argument("--base-model", help="Hub id of the checkpoint this model was trained from, for the metadata")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    files = export(
+        args.model,
+        args.output,
+        results_path=args.results,
+        datasets=args.datasets,
+        model_id=args.push_to_hub,
+        base_model=args.base_model,
+    )
+    logger.info("wrote %d files to %s: %s", len(files), args.output, ", ".join(files))
+    if args.push_to_hub:
+        logger.info("uploaded to %s", push_to_hub(args.output, args.push_to_hub, files))
+
+
+if __name__ == "__main__":
+    main()

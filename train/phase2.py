@@ -1,0 +1,606 @@
+"""Phase 2: contrastive instruction tuning of a Chroma-MoE encoder with GradCache, on Accelerate.
+
+    accelerate launch train/phase2.py --config train/configs/phase2_small.yaml [key=value ...] [--resume [CHECKPOINT]]
+
+Starts from a phase-1 folder (`init_from`: a masked-LM checkpoint loads into `ChromaMoeForEmbedding` with a fresh pooling
+head) or from a fresh preset. Each optimizer step embeds a global batch of (instructed query, positive, hard negatives)
+with GradCache (`train.contrastive`), so the batch size is not bounded by memory; with several processes every query
+is scored against the documents of all processes. AdamW with warmup + cosine, gradient clipping, a NaN/inf guard,
+atomic checkpoints holding model, optimizer, scheduler, temperature and RNG states (the batch of a step is a function
+of the step, so a resumed run replays exactly the batches of an uninterrupted one), tensorboard logs plus
+`train_log.jsonl`, periodic nDCG@10 on a held-out dev split, and a final sentence-transformers folder
+(`<output_dir>/final`, loads with `SentenceTransformer(dir, trust_remote_code=True)`).
+
+Queries are formatted with their task's instruction (`train.data.format_query`) and tokenised by the shipped
+sentence-transformers module (`sentence_chroma_moe.ChromaMoeSentenceEncoder.preprocess`), so training pools exactly the
+tokens inference pools: the instruction is attended to but left out of pooling. Documents carry no instruction.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (accelerate launch train/phase2.py): make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import dataclasses
+import hashlib
+import inspect
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerFast
+
+from configuration_chroma_moe import PRESETS, ChromaMoeConfig
+from evaluation.tasks import RetrievalSet, load_beir, rank_documents, retrieval_metrics
+from modeling_chroma_moe import ChromaMoeForEmbedding
+from sentence_chroma_moe import (
+    ChromaMoeSentenceEncoder,
+    build_sentence_transformer,
+    instruction_prompt,
+    save_sentence_transformer,
+)
+from train.common import (
+    ConfigError,
+    build_optimizer,
+    build_scheduler,
+    expand_path,
+    expert_load_stats,
+    flatten_for_tracker,
+    latest_checkpoint,
+    load_checkpoint,
+    load_config,
+    make_accelerator,
+    raise_if_not_finite,
+    read_trainer_state,
+    save_checkpoint,
+    save_routing_heatmap,
+)
+from train.contrastive import ContrastiveBatch, InfoNCELoss, grad_cache_step
+from train.data import INSTRUCTIONS, build_pair_dataset_from_beir, format_query, load_pair_dataset, split_query_ids
+
+logger = logging.getLogger(__name__)
+
+TRAIN_LOG = "train_log.jsonl"
+SOURCE_KEYS = frozenset({"path", "beir", "task", "max_pairs"})
+MODEL_CONFIG_KEYS = frozenset(inspect.signature(ChromaMoeConfig.__init__).parameters) - {"self", "kwargs"}
+# Keys whose change would make a resumed run a different run (data, model, batch, loss): resuming with them changed is refused.
+RESUME_FIXED_KEYS = ("train_sources", "init_from", "model", "seed", "max_query_length", "max_document_length",
+                     "max_negatives_per_query", "split_fraction", "split_seed", "global_batch_size", "symmetric_loss",
+                     "matryoshka_dims")  # fmt: skip
+
+
+@dataclass
+class Phase2Config:
+    """Phase-2 run configuration (YAML keys; `key=value` on the command line overrides them).
+
+    Args:
+        output_dir: Where `logs/`, `checkpoints/`, `train_log.jsonl` and `final/` go.
+        train_sources: A list of `{path: PAIRS.jsonl | HUB_ID[:CONFIG[:SPLIT]], task, max_pairs}` (read by
+            `train.data.load_pair_dataset`) or `{beir: BEIR_DIR, task, max_pairs}` (pairs of the folder's queries on the
+            *train* side of `train.data.split_query_ids(split_fraction, split_seed)`; `dev_beir` evaluates the held-out
+            side of the same split, so no dev query is trained on). `task` picks the instruction
+            (`train.data.INSTRUCTIONS`); `max_pairs` keeps a seeded random subset. `$CHROMA_SHARED_DATA` expands.
+        init_from: A phase-1 folder (`ChromaMoeForMaskedLM` or `ChromaMoeForEmbedding`; an MLM checkpoint gets a fresh
+            pooling head), or null for a fresh model of `model.preset`.
+        model: `preset` (only with `init_from: null`) plus `ChromaMoeConfig` fields to override (dropout, balance-loss
+            coefficient, ...).
+        tokenizer: Tokenizer folder; defaults to `init_from`.
+        seed: Seeds model init, the data order and dropout.
+        max_query_length, max_document_length: Token limits (a query's includes its instruction).
+        max_negatives_per_query: Hard negatives used per query (the first ones: miners list them best first).
+        split_fraction, split_seed: The query split of BEIR folders (train side for training, held-out side for dev).
+        dev_beir, dev_task: Dev retrieval set and the instruction task of its queries; null = no dev eval.
+        dev_max_queries, dev_max_documents: Caps for a CPU-sized dev set (the corpus keeps every judged document of
+            the kept queries and fills up with seeded random distractors).
+        eval_every: Steps between dev evals (0 = only at the end); eval_batch_size: texts per eval forward.
+        temperature, temperature_min, temperature_max: Initial learnable InfoNCE temperature and its clamp range.
+        symmetric_loss: Add the document→query InfoNCE term.
+        matryoshka_dims: Embedding prefixes the loss is summed over (null = the full embedding only).
+        global_batch_size: Pairs per optimizer step over all processes (the seed: 16,384).
+        chunk_size: Texts per forward pass inside GradCache (bounds activation memory, not the batch).
+        max_steps, warmup_steps, learning_rate, min_learning_rate: Warmup + cosine schedule over the run.
+        weight_decay, adam_beta1, adam_beta2, adam_epsilon, max_grad_norm: AdamW and gradient clipping (0 = none).
+        mixed_precision: `auto` (bf16 on a GPU that supports it, else fp32), `no` or `bf16`.
+        log_every, checkpoint_every: Steps between logs and between checkpoints (0 = no checkpoints).
+        st_query_task: The instruction of the final folder's default `query` prompt.
+        resume: null (a fresh run; refused if `output_dir` already has a checkpoint), `auto` (its latest checkpoint)
+            or a checkpoint folder.
+    """
+
+    output_dir: str
+    train_sources: list
+    init_from: str | None = None
+    model: dict = field(default_factory=lambda: {"preset": "chroma-moe-tiny"})
+    tokenizer: str | None = None
+    seed: int = 0
+    max_query_length: int = 64
+    max_document_length: int = 256
+    max_negatives_per_query: int = 1
+    split_fraction: float = 0.8
+    split_seed: int = 0
+    dev_beir: str | None = None
+    dev_task: str = "finance_qa"
+    dev_max_queries: int | None = None
+    dev_max_documents: int | None = None
+    eval_every: int = 0
+    eval_batch_size: int = 32
+    temperature: float = 0.05
+    temperature_min: float = 0.01
+    temperature_max: float = 1.0
+    symmetric_loss: bool = True
+    matryoshka_dims: list | None = None
+    global_batch_size: int = 32
+    chunk_size: int = 32
+    max_steps: int = 100
+    warmup_steps: int = 10
+    learning_rate: float = 1e-4
+    min_learning_rate: float = 1e-5
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "auto"
+    log_every: int = 1
+    checkpoint_every: int = 0
+    st_query_task: str = "finance_qa"
+    resume: str | None = None
+
+    def __post_init__(self) -> None:
+        def fail(key: str, why: str) -> None:
+            raise ConfigError(f"config key {key!r}={getattr(self, key)!r}: {why}")
+
+        for key in ("max_query_length", "max_document_length", "global_batch_size", "chunk_size", "max_steps",
+                    "learning_rate", "log_every", "eval_batch_size", "adam_epsilon"):  # fmt: skip
+            if not getattr(self, key) > 0:
+                fail(key, "must be > 0")
+        for key in ("max_negatives_per_query", "weight_decay", "eval_every", "checkpoint_every", "max_grad_norm"):
+            if getattr(self, key) < 0:
+                fail(key, "must be >= 0")
+        if not 0 <= self.warmup_steps < self.max_steps:
+            fail("warmup_steps", f"must be in [0, max_steps={self.max_steps})")
+        if not 0 <= self.min_learning_rate <= self.learning_rate:
+            fail("min_learning_rate", f"must be in [0, learning_rate={self.learning_rate}]")
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                fail(key, "must be in [0, 1)")
+        if not 0 < self.temperature_min <= self.temperature <= self.temperature_max:
+            fail("temperature", f"must lie in [temperature_min, temperature_max] = [{self.temperature_min}, "
+                                f"{self.temperature_max}] with temperature_min > 0")  # fmt: skip
+        if not 0 < self.split_fraction < 1:
+            fail("split_fraction", "must be strictly between 0 and 1")
+        for key in ("dev_task", "st_query_task"):
+            if getattr(self, key) not in INSTRUCTIONS:
+                fail(key, f"expected one of {sorted(INSTRUCTIONS)}")
+        for key in ("dev_max_queries", "dev_max_documents"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                fail(key, "must be > 0 or null")
+        dims = self.matryoshka_dims
+        if dims is not None and (not dims or any(isinstance(d, bool) or not isinstance(d, int) or d <= 0 for d in dims)):
+            fail("matryoshka_dims", "expected null or a list of positive integers")
+        if not self.train_sources:
+            fail("train_sources", "must list at least one pair source")
+        for index, source in enumerate(self.train_sources):
+            _check_source(index, source)
+        if ("preset" in self.model) == (self.init_from is not None):
+            raise ConfigError(
+                f"config keys 'init_from'={self.init_from!r} and 'model.preset'={self.model.get('preset')!r}: give exactly "
+                "one (a phase-1 folder to start from, or a preset for a fresh model)"
+            )
+        if "preset" in self.model and self.model["preset"] not in PRESETS:
+            raise ConfigError(f"config key 'model.preset'={self.model['preset']!r}: expected one of {sorted(PRESETS)}")
+        unknown = sorted(set(self.model) - MODEL_CONFIG_KEYS - {"preset"})
+        if unknown:
+            raise ConfigError(f"config key 'model': unknown ChromaMoeConfig field(s) {unknown}")
+        if self.init_from is None and self.tokenizer is None:
+            fail("tokenizer", "a fresh model (init_from: null) needs a tokenizer folder")
+
+
+def _check_source(index: int, source: Any) -> None:
+    where = f"train_sources[{index}]"
+    if not isinstance(source, Mapping):
+        raise ConfigError(f"config key {where!r}={source!r}: expected a mapping with path or beir, task, max_pairs")
+    unknown = sorted(set(source) - SOURCE_KEYS)
+    if unknown:
+        raise ConfigError(f"config key {where!r}: unknown field(s) {unknown}; allowed: {sorted(SOURCE_KEYS)}")
+    if ("path" in source) == ("beir" in source):
+        raise ConfigError(f"config key {where!r}: give exactly one of 'path' (pair file or Hub id) and 'beir' (BEIR folder)")
+    if source.get("task") not in INSTRUCTIONS:
+        raise ConfigError(f"config key '{where}.task'={source.get('task')!r}: expected one of {sorted(INSTRUCTIONS)}")
+    max_pairs = source.get("max_pairs")
+    if max_pairs is not None and (isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs <= 0):
+        raise ConfigError(f"config key '{where}.max_pairs'={max_pairs!r}: must be a positive integer or absent")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: pair sources, the step -> batch order, collation.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def load_training_pairs(config: Phase2Config) -> datasets.Dataset:
+    """All `train_sources` as one in-memory `Dataset` (query, positive, negatives, task), each source cut to its
+    `max_pairs` by a seeded shuffle."""
+    parts = []
+    for index, source in enumerate(config.train_sources):
+        if "path" in source:
+            pairs = load_pair_dataset(expand_path(source["path"]), task=source["task"])
+        else:
+            pairs = build_pair_dataset_from_beir(
+                expand_path(source["beir"]), "train", task=source["task"],
+                train_fraction=config.split_fraction, seed=config.split_seed,
+            )  # fmt: skip
+        if len(pairs) == 0:
+            raise ConfigError(f"config key train_sources[{index}] ({dict(source)}) gave no pairs")
+        if source.get("max_pairs") is not None and source["max_pairs"] < len(pairs):
+            pairs = pairs.shuffle(seed=config.seed + index).select(range(source["max_pairs"]))
+        logger.info("train source %d (%s): %d pairs", index, source.get("path") or source.get("beir"), len(pairs))
+        parts.append(pairs)
+    return datasets.concatenate_datasets(parts)
+
+
+def check_instruction_fits(tokenizer: PreTrainedTokenizerFast, tasks: set[str], max_query_length: int) -> None:
+    """Refuse a `max_query_length` that truncation would fill with the instruction alone (the query text cut away),
+    leaving room for at least 8 query tokens."""
+    for task in sorted(tasks):
+        prefix_tokens = len(tokenizer(format_query("", task)[0])["input_ids"])
+        if prefix_tokens + 8 > max_query_length:
+            raise ConfigError(
+                f"config key 'max_query_length'={max_query_length}: the {task!r} instruction alone takes {prefix_tokens} "
+                "tokens with this tokenizer; raise it so queries are not truncated away"
+            )
+
+
+def batch_indices(num_pairs: int, global_batch_size: int, step: int, seed: int) -> list[int]:
+    """The pair indices of optimizer step `step` (0-based) over all processes.
+
+    Each epoch is a fresh seeded permutation cut into whole global batches (a last partial batch is dropped), so the
+    batch of a step depends only on (seed, step): resuming at step s needs no saved iterator, only s.
+    """
+    steps_per_epoch = num_pairs // global_batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(f"config key 'global_batch_size'={global_batch_size} exceeds the {num_pairs} training pairs")
+    epoch, position = divmod(step, steps_per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(num_pairs)
+    return order[position * global_batch_size : (position + 1) * global_batch_size].tolist()
+
+
+def text_id(text: str) -> int:
+    """A stable signed 64-bit id of a text (the same in every process, unlike `hash`), for the false-negative mask.
+    Whitespace is collapsed so trivially different copies of a text count as the same."""
+    digest = hashlib.blake2b(" ".join(text.split()).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+class PairCollator:
+    """Rows of (query, positive, negatives, task) -> `ContrastiveBatch`: queries get their task's instruction,
+    documents none; at most `max_negatives` hard negatives per query (the first ones); text ids for the loss's
+    false-negative mask."""
+
+    def __init__(self, encoder: ChromaMoeSentenceEncoder, max_query_length: int, max_document_length: int, max_negatives: int) -> None:
+        self.encoder = encoder
+        self.max_query_length = max_query_length
+        self.max_document_length = max_document_length
+        self.max_negatives = max_negatives
+
+    def queries(self, texts: list[str], tasks: list[str]) -> dict[str, torch.Tensor]:
+        formatted = [format_query(text, task)[0] for text, task in zip(texts, tasks)]
+        return self.encoder.preprocess(formatted, max_length=self.max_query_length)
+
+    def documents(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return self.encoder.preprocess(texts, max_length=self.max_document_length)
+
+    def __call__(self, rows: list[dict[str, Any]]) -> ContrastiveBatch:
+        negatives = [text for row in rows for text in row["negatives"][: self.max_negatives]]
+        return ContrastiveBatch(
+            queries=self.queries([row["query"] for row in rows], [row["task"] for row in rows]),
+            positives=self.documents([row["positive"] for row in rows]),
+            negatives=self.documents(negatives) if negatives else None,
+            pair_ids=torch.tensor([[text_id(row["query"]), text_id(row["positive"])] for row in rows]),  # (n, 2)
+            negative_ids=torch.tensor([text_id(text) for text in negatives]) if negatives else None,  # (m,)
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Dev retrieval eval.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def load_dev_set(config: Phase2Config) -> RetrievalSet:
+    """The held-out side of `dev_beir`'s query split, capped to `dev_max_queries` queries and a corpus of every document
+    they judge plus seeded random distractors up to `dev_max_documents`, when those are set."""
+    full = load_beir(expand_path(config.dev_beir))
+    queries_by_id = dict(zip(full.query_ids, full.query_texts))
+    _, heldout = split_query_ids(queries_by_id, train_fraction=config.split_fraction, seed=config.split_seed)
+    rng = random.Random(config.seed)
+    if config.dev_max_queries is not None and len(heldout) > config.dev_max_queries:
+        heldout = rng.sample(heldout, config.dev_max_queries)
+    if not heldout:
+        raise ConfigError(f"config key 'dev_beir'={config.dev_beir!r}: no held-out query with a relevant document")
+    kept = set(heldout)
+    doc_ids = full.doc_ids
+    if config.dev_max_documents is not None and len(doc_ids) > config.dev_max_documents:
+        judged = {doc for qid in kept for doc in full.qrels[qid]}
+        others = [doc for doc in doc_ids if doc not in judged]
+        chosen = judged | set(rng.sample(others, max(0, config.dev_max_documents - len(judged))))
+        doc_ids = [doc for doc in doc_ids if doc in chosen]
+    text_of = dict(zip(full.doc_ids, full.doc_texts))
+    query_ids = [qid for qid in full.query_ids if qid in kept]
+    return RetrievalSet(
+        name=f"{full.name}-heldout",
+        doc_ids=doc_ids,
+        doc_texts=[text_of[doc] for doc in doc_ids],
+        query_ids=query_ids,
+        query_texts=[queries_by_id[qid] for qid in query_ids],
+        qrels={qid: full.qrels[qid] for qid in query_ids},
+        counts={"documents": len(doc_ids), "queries_evaluated": len(query_ids)},
+    )
+
+
+@torch.no_grad()
+def embed_texts(model: ChromaMoeForEmbedding, features: dict[str, torch.Tensor], batch_size: int) -> torch.Tensor:
+    """L2-normalised embeddings `(N, D)` of tokenised texts, in eval mode, `batch_size` rows at a time."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    parts = []
+    for start in range(0, features["input_ids"].shape[0], batch_size):
+        chunk = {key: value[start : start + batch_size].to(device) for key, value in features.items()}
+        parts.append(model(**chunk, normalize=True).sentence_embedding.float().cpu())
+    model.train(was_training)
+    return torch.cat(parts)
+
+
+def evaluate_retrieval(
+    model: ChromaMoeForEmbedding, collator: PairCollator, dev: RetrievalSet, task: str, batch_size: int
+) -> dict[str, float]:
+    """nDCG@10, Recall@100 and MRR@10 (ranx, through `evaluation.tasks`) of cosine retrieval over the dev corpus.
+    Texts are embedded in length order, so a forward pads to similar lengths."""
+
+    def embed(features: dict[str, torch.Tensor]) -> torch.Tensor:
+        order = torch.argsort(features["attention_mask"].sum(dim=1))  # (N,)
+        embeddings = embed_texts(model, {key: value[order] for key, value in features.items()}, batch_size)
+        return embeddings[torch.argsort(order)]
+
+    queries = embed(collator.queries(dev.query_texts, [task] * len(dev.query_texts)))  # (Q, D)
+    documents = embed(collator.documents(dev.doc_texts))  # (N, D)
+    rankings = rank_documents((queries @ documents.T).numpy(), dev.doc_ids)
+    return retrieval_metrics(dev.qrels, {qid: [dev.doc_ids[i] for i in ranking] for qid, ranking in zip(dev.query_ids, rankings)})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def build_model(config: Phase2Config) -> tuple[ChromaMoeForEmbedding, PreTrainedTokenizerFast]:
+    """`ChromaMoeForEmbedding` from `init_from` or a fresh `model.preset` (with the other `model` keys as config
+    overrides), and the tokenizer."""
+    overrides = {key: value for key, value in config.model.items() if key != "preset"}
+    if config.init_from is not None:
+        folder = Path(expand_path(config.init_from))
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"config key 'init_from'={config.init_from!r}: {folder} has no config.json")
+        model = ChromaMoeForEmbedding.from_pretrained(folder, **overrides)
+    else:
+        model = ChromaMoeForEmbedding(ChromaMoeConfig.from_preset(config.model["preset"], **overrides))
+    tokenizer_dir = Path(expand_path(config.tokenizer or config.init_from))
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        raise FileNotFoundError(
+            f"no tokenizer.json in {tokenizer_dir} (config key {'tokenizer' if config.tokenizer else 'init_from'}); build "
+            "one with `python -m tokenization.train --output DIR ...`"
+        )
+    return model.train(), PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+
+
+def save_final(model: ChromaMoeForEmbedding, tokenizer: PreTrainedTokenizerFast, config: Phase2Config, target: Path) -> None:
+    """The sentence-transformers folder: prompts `query` (the `st_query_task` instruction) and `document` (none), plus
+    one named prompt per instruction task (`model.encode(texts, prompt_name="product_search")`)."""
+    st_model = build_sentence_transformer(
+        model, tokenizer, query_instruction=INSTRUCTIONS[config.st_query_task],
+        max_seq_length=max(config.max_query_length, config.max_document_length),
+    )  # fmt: skip
+    st_model.prompts.update({task: instruction_prompt(description) for task, description in INSTRUCTIONS.items()})
+    save_sentence_transformer(st_model, target)
+
+
+def resume_checkpoint(config: Phase2Config, checkpoints_dir: Path) -> Path | None:
+    """The checkpoint to resume from (see `Phase2Config.resume`), after checking that the run it belongs to had the
+    same `RESUME_FIXED_KEYS`."""
+    existing = latest_checkpoint(checkpoints_dir)
+    if config.resume is None:
+        if existing is not None:
+            raise ConfigError(
+                f"config key 'resume'=None but {existing} exists: pass --resume (resume=auto) to continue that run, "
+                "or choose another output_dir"
+            )
+        return None
+    checkpoint = existing if config.resume == "auto" else Path(config.resume)
+    if checkpoint is None or not checkpoint.is_dir():
+        raise FileNotFoundError(f"config key 'resume'={config.resume!r}: no checkpoint found (looked in {checkpoints_dir})")
+    saved, current = read_trainer_state(checkpoint)["config"], dataclasses.asdict(config)
+    changed = [key for key in RESUME_FIXED_KEYS if saved.get(key) != current[key]]
+    if changed:
+        details = "; ".join(f"{key}: {saved.get(key)!r} -> {current[key]!r}" for key in changed)
+        raise ConfigError(f"cannot resume {checkpoint}: config key(s) {changed} changed since it was written ({details})")
+    return checkpoint
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the log lines of steps <= `step`: a resumed run rewrites whatever came after its checkpoint."""
+    if path.is_file():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= step), encoding="utf-8")
+
+
+def _log(accelerator: Accelerator, log_path: Path, step: int, metrics: dict[str, float]) -> None:
+    """To the trackers, and (main process) one `train_log.jsonl` line without the per-expert load shares."""
+    accelerator.log(metrics, step=step)
+    if accelerator.is_main_process:
+        record = {"step": step, **{key: value for key, value in metrics.items() if not key.startswith("moe/")}}
+        with log_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def _dev_eval(
+    accelerator: Accelerator, model: ChromaMoeForEmbedding, collator: PairCollator, dev: RetrievalSet, config: Phase2Config
+) -> dict[str, float]:
+    """The main process evaluates (on the unwrapped model: no collectives), the others wait; the metrics are broadcast
+    so every process logs the same values."""
+    values: list[dict[str, float] | None] = [None]
+    if accelerator.is_main_process:
+        values = [evaluate_retrieval(model, collator, dev, config.dev_task, config.eval_batch_size)]
+        logger.info("dev (%d queries, %d documents): %s", len(dev.query_ids), len(dev.doc_ids), json.dumps(values[0]))
+    accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1:
+        torch.distributed.broadcast_object_list(values, src=0)
+    return values[0]
+
+
+def train(config: Phase2Config) -> dict[str, float]:
+    """Run phase 2 (once per process under `accelerate launch`) and return the last dev metrics (empty without a dev
+    set)."""
+    output_dir = Path(expand_path(config.output_dir))
+    checkpoints_dir = output_dir / "checkpoints"
+    checkpoint = resume_checkpoint(config, checkpoints_dir)
+    accelerator = make_accelerator(output_dir, config.mixed_precision)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if config.global_batch_size % world:
+        raise ConfigError(f"config key 'global_batch_size'={config.global_batch_size} is not divisible by the {world} processes")
+    local_batch = config.global_batch_size // world
+
+    torch.manual_seed(config.seed)
+    model, tokenizer = build_model(config)
+    encoder = ChromaMoeSentenceEncoder(model, tokenizer, max_seq_length=max(config.max_query_length, config.max_document_length))
+    collator = PairCollator(encoder, config.max_query_length, config.max_document_length, config.max_negatives_per_query)
+    with accelerator.main_process_first():
+        pairs = load_training_pairs(config)
+        dev = load_dev_set(config) if config.dev_beir else None
+    check_instruction_fits(tokenizer, set(pairs["task"]) | ({config.dev_task} if dev else set()), config.max_query_length)
+
+    loss_fn = InfoNCELoss(
+        config.temperature, (config.temperature_min, config.temperature_max), config.symmetric_loss, config.matryoshka_dims
+    ).to(accelerator.device)
+    optimizer = build_optimizer(
+        torch.nn.ModuleList([model, loss_fn]), config.learning_rate, config.weight_decay,
+        (config.adam_beta1, config.adam_beta2), config.adam_epsilon,
+    )  # fmt: skip
+    scheduler = build_scheduler(optimizer, config.learning_rate, config.min_learning_rate, config.warmup_steps, config.max_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    accelerator.register_for_checkpointing(loss_fn)
+    unwrapped: ChromaMoeForEmbedding = accelerator.unwrap_model(model)
+    moe_layers = [i for i in range(unwrapped.config.num_hidden_layers) if unwrapped.config.is_moe_layer(i)]
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+
+    step = 0
+    if checkpoint is not None:
+        step = load_checkpoint(accelerator, checkpoint)["step"]
+        logger.info("resumed from %s at step %d", checkpoint, step)
+    accelerator.init_trackers("phase2", config=flatten_for_tracker(dataclasses.asdict(config)))
+    log_path = output_dir / TRAIN_LOG
+    if accelerator.is_main_process:
+        _truncate_log(log_path, step)
+        logger.info("%d training pairs; global batch %d (%d per process, chunks of %d texts)", len(pairs),
+                    config.global_batch_size, local_batch, config.chunk_size)  # fmt: skip
+
+    dev_metrics: dict[str, float] = {}
+    log_counts = torch.zeros(len(moe_layers), unwrapped.config.n_routed_experts, dtype=torch.long)
+    checkpoint_counts = log_counts.clone()
+    if dev is not None and config.eval_every and step == 0:  # the starting point of the dev curve
+        dev_metrics = _dev_eval(accelerator, unwrapped, collator, dev, config)
+        _log(accelerator, log_path, 0, {f"dev/{name}": value for name, value in dev_metrics.items()})
+    progress = tqdm(total=config.max_steps, initial=step, desc="phase 2", unit="step", disable=not accelerator.is_main_process)
+    while step < config.max_steps:
+        started = time.perf_counter()
+        indices = batch_indices(len(pairs), config.global_batch_size, step, config.seed)
+        batch = collator(list(pairs.select(indices[rank * local_batch : (rank + 1) * local_batch]))).to(accelerator.device)
+        output = grad_cache_step(
+            model, loss_fn, batch, config.chunk_size, backward=accelerator.backward, no_sync=lambda: accelerator.no_sync(model)
+        )
+        grad_norm = accelerator.clip_grad_norm_(parameters, config.max_grad_norm or math.inf)
+        loss = accelerator.reduce(output.loss.to(accelerator.device), reduction="mean")
+        raise_if_not_finite({"loss": float(loss), "grad_norm": float(grad_norm)}, step + 1, checkpoint)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn.clamp_()
+        counts = accelerator.reduce(torch.stack(output.expert_counts).to(accelerator.device), reduction="sum")  # (L, E)
+        unwrapped.update_router_bias(tuple(counts))
+        log_counts += counts.cpu()
+        checkpoint_counts += counts.cpu()
+        step += 1
+        progress.update(1)
+
+        metrics: dict[str, float] = {}
+        if step % config.log_every == 0 or step == config.max_steps:
+            metrics = {
+                "train/loss": float(loss),
+                "train/aux_loss": float(accelerator.reduce(output.aux_loss.to(accelerator.device), reduction="mean")),
+                "train/temperature": loss_fn.temperature,
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/grad_norm": float(grad_norm),
+                "train/texts_per_s": output.texts * world / (time.perf_counter() - started),
+                **expert_load_stats(log_counts, moe_layers),
+            }
+            log_counts.zero_()
+            progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", tau=f"{loss_fn.temperature:.4f}")
+        if dev is not None and ((config.eval_every and step % config.eval_every == 0) or step == config.max_steps):
+            dev_metrics = _dev_eval(accelerator, unwrapped, collator, dev, config)
+            metrics.update({f"dev/{name}": value for name, value in dev_metrics.items()})
+        if metrics:
+            _log(accelerator, log_path, step, metrics)
+        if config.checkpoint_every and (step % config.checkpoint_every == 0 or step == config.max_steps):
+            heatmap_counts, title = checkpoint_counts.clone(), f"phase 2: expert load, steps up to {step}"
+            checkpoint = save_checkpoint(
+                accelerator, checkpoints_dir, step, {"step": step, "config": dataclasses.asdict(config)},
+                lambda folder: save_routing_heatmap(heatmap_counts, moe_layers, folder / "routing_heatmap.png", title),
+            )  # fmt: skip
+            checkpoint_counts.zero_()
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_final(unwrapped, tokenizer, config, output_dir / "final")
+        logger.info("saved the sentence-transformers folder %s", output_dir / "final")
+    accelerator.end_training()
+    return dev_metrics
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="accelerate launch train/phase2.py",
+        description="Phase-2 contrastive instruction tuning of Chroma-MoE (see the module docstring).",
+    )
+    parser.add_argument("--config", required=True, help="YAML config, e.g. train/configs/phase2_small.yaml")
+    parser.add_argument(
+        "--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+        help="continue from the latest checkpoint in output_dir (no value) or from the given checkpoint folder",
+    )  # fmt: skip
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. max_steps=100 init_from=DIR")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = _parse_args(argv)
+    config = load_config(Phase2Config, args.config, args.overrides)
+    if args.resume is not None:
+        config = dataclasses.replace(config, resume=args.resume)
+    return train(config)
+
+
+if __name__ == "__main__":
+    main()
