@@ -204,11 +204,12 @@ def markdown_table(results: dict[str, Any]) -> str:
     models = list(results["models"])
     lines = ["| task | metric | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
     for task, per_model in results["tasks"].items():
+        skipped = {model for model in models if "skipped" in results["notes"][task].get(model, {})}
         metrics = list(dict.fromkeys(metric for model in models for metric in per_model.get(model, {})))
-        if not metrics:
-            lines.append(f"| {task} | — | " + " | ".join("skipped" for _ in models) + " |")
-        for metric in metrics:
-            cells = [_format(per_model.get(model, {}).get(metric)) for model in models]
+        for metric in metrics or ["—"]:
+            cells = [
+                "skipped" if model in skipped else _format(per_model.get(model, {}).get(metric)) for model in models
+            ]
             lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
     lines += ["", "| model | params total | params active | embedding dim | max tokens | similarity | time (s) |"]
     lines.append("|---|---|---|---|---|---|---|")

@@ -234,6 +234,7 @@ def test_bm25_and_tiny_model_through_the_cli(retail_dir, sts_file, probe_file, t
     assert info["prompts"] == {"query": "what ", "document": ""}
     assert results["models"]["bm25"]["params_total"] == 0
     assert "| esci:retail_toy | exact_over_substitute |" in table.read_text()
+    assert "| sts:sts_toy | spearman | skipped |" in table.read_text()
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
