@@ -18,6 +18,7 @@ MoE model over the dense twin's; the target is <= 1.3).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 
 # The model files live at the repository root (as on the Hub); make them importable without an install.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.moe_dispatch import median_ms
+from benchmarks.moe_dispatch import time_ms
 from configuration_chroma_moe import ChromaMoeConfig
 from modeling_chroma_moe import ChromaMoeForEmbedding, count_parameters
 
@@ -39,7 +40,9 @@ def dense_twin(moe_config: ChromaMoeConfig) -> ChromaMoeConfig:
     target = count_parameters(moe_config)["active"]
     base_width = moe_config.intermediate_size
     at_base = count_parameters(ChromaMoeConfig.from_preset(PRESET, n_routed_experts=0, intermediate_size=base_width))
-    at_next = count_parameters(ChromaMoeConfig.from_preset(PRESET, n_routed_experts=0, intermediate_size=base_width + 1))
+    at_next = count_parameters(
+        ChromaMoeConfig.from_preset(PRESET, n_routed_experts=0, intermediate_size=base_width + 1)
+    )
     per_unit = at_next["active"] - at_base["active"]
     width = base_width + round((target - at_base["active"]) / per_unit)
     return ChromaMoeConfig.from_preset(PRESET, n_routed_experts=0, intermediate_size=width)
@@ -59,7 +62,9 @@ def mixed_length_batch(
     return input_ids, attention_mask
 
 
-def training_step(model: ChromaMoeForEmbedding, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Callable[[], None]:
+def training_step(
+    model: ChromaMoeForEmbedding, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> Callable[[], None]:
     """Forward + backward of <embedding, fixed random target> summed over the batch (any scalar of the embeddings
     exercises the same backward graph)."""
     target = torch.randn(input_ids.shape[0], model.config.embedding_dim, generator=torch.Generator().manual_seed(1))
@@ -73,7 +78,9 @@ def training_step(model: ChromaMoeForEmbedding, input_ids: torch.Tensor, attenti
     return step
 
 
-def inference_step(model: ChromaMoeForEmbedding, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Callable[[], None]:
+def inference_step(
+    model: ChromaMoeForEmbedding, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> Callable[[], None]:
     def step() -> None:
         model.eval()
         with torch.no_grad():
@@ -112,26 +119,29 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(
         f"batch: {args.num_texts} texts, lengths {args.min_len}-{args.max_len}, {real_tokens} real tokens "
         f"({input_ids.numel()} padded); torch {torch.__version__}, {args.threads} threads; median of {args.repeats} "
-        f"after {args.warmup} warmup"
+        f"after {args.warmup} warmup; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
 
     torch.manual_seed(args.seed)
     models = {name: ChromaMoeForEmbedding(config) for name, config in configs.items()}
-    ms: dict[str, dict[str, float]] = {}
-    for pass_name, make in (("fwd+bwd", training_step), ("fwd", inference_step)):
-        ms[pass_name] = median_ms(
+    timings = {
+        pass_name: time_ms(
             {name: make(model, input_ids, attention_mask) for name, model in models.items()}, args.warmup, args.repeats
         )
+        for pass_name, make in (("fwd+bwd", training_step), ("fwd", inference_step))
+    }
 
     print()
-    print("| pass    | MoE (ms) | dense (ms) | MoE tokens/s | dense tokens/s | MoE / dense time |")
-    print("|---------|---------:|-----------:|-------------:|---------------:|-----------------:|")
+    print("| pass    | MoE ms (best) | dense ms (best) | MoE tokens/s | dense tokens/s | MoE / dense time (best) |")
+    print("|---------|--------------:|----------------:|-------------:|---------------:|------------------------:|")
     ratios = {}
-    for pass_name, times in ms.items():
-        ratios[pass_name] = times["moe"] / times["dense"]
+    for pass_name, times in timings.items():
+        moe, dense = times["moe"], times["dense"]
+        ratios[pass_name] = moe.median / dense.median
         print(
-            f"| {pass_name:7} | {times['moe']:8.0f} | {times['dense']:10.0f} | {real_tokens / times['moe'] * 1e3:12.0f} | "
-            f"{real_tokens / times['dense'] * 1e3:14.0f} | {ratios[pass_name]:16.2f} |"
+            f"| {pass_name:7} | {moe.median:6.0f} ({moe.best:5.0f}) | {dense.median:8.0f} ({dense.best:5.0f}) | "
+            f"{real_tokens / moe.median * 1e3:12.0f} | {real_tokens / dense.median * 1e3:14.0f} | "
+            f"{ratios[pass_name]:15.2f} ({moe.best / dense.best:4.2f}) |"
         )
     print(f"moe_over_dense_time: {ratios['fwd+bwd']:.2f}")
     return ratios

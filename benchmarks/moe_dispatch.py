@@ -18,11 +18,13 @@ divided by ours; the target is >= 2.5).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from transformers import DeepseekV2Config
@@ -117,9 +119,17 @@ def check_match(
     return out_diff, grad_diff
 
 
-def median_ms(candidates: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, float]:
-    """Median wall time (ms) of each callable. Repeats alternate between the candidates, so load from other processes
-    on a shared machine hits all of them alike instead of whichever ran during a busy spell."""
+class Timing(NamedTuple):
+    """Wall times of one candidate, ms. The median is the reported figure; the best (minimum) run is printed beside it
+    because on a shared machine it is the run least disturbed by other processes."""
+
+    median: float
+    best: float
+
+
+def time_ms(candidates: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, Timing]:
+    """Time each callable. Repeats alternate between the candidates, so load from other processes on a shared machine
+    hits all of them alike instead of whichever ran during a busy spell."""
     for fn in candidates.values():
         for _ in range(warmup):
             fn()
@@ -129,10 +139,12 @@ def median_ms(candidates: dict[str, Callable[[], object]], warmup: int, repeats:
             start = time.perf_counter()
             fn()
             times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return {name: Timing(statistics.median(values), min(values)) for name, values in times.items()}
 
 
 def forward_only(block: torch.nn.Module, run: Callable, hidden: torch.Tensor) -> Callable[[], object]:
+    """An inference forward: no graph is recorded."""
+
     def step() -> None:
         with torch.no_grad():
             run(block, hidden)
@@ -141,6 +153,8 @@ def forward_only(block: torch.nn.Module, run: Callable, hidden: torch.Tensor) ->
 
 
 def forward_backward(block: torch.nn.Module, run: Callable, hidden: torch.Tensor) -> Callable[[], object]:
+    """A training step's share of the block: forward with autograd, backward into the input and every weight."""
+
     x = hidden.detach().clone().requires_grad_(True)
     grad_out = torch.randn_like(hidden)
 
@@ -167,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(
         f"MoE block: hidden {HIDDEN}, {ROUTED_EXPERTS} routed experts x width {EXPERT_WIDTH}, top-{TOP_K}, "
         f"{SHARED_EXPERTS} shared; {args.tokens} tokens; torch {torch.__version__}, {args.threads} threads; "
-        f"median of {args.repeats} after {args.warmup} warmup"
+        f"median of {args.repeats} after {args.warmup} warmup; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
     generator = torch.Generator().manual_seed(args.seed)
     hidden32 = torch.randn(8, args.tokens // 8, HIDDEN, generator=generator)  # (B, T, H)
@@ -179,18 +193,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         out_diff, grad_diff = check_match(ours, theirs, hidden, dtype_name)
         print(f"{dtype_name}: max |ours - HF| output {out_diff:.2e}, input grad {grad_diff:.2e}")
         for pass_name, make in (("fwd", forward_only), ("fwd+bwd", forward_backward)):
-            ms = median_ms(
-                {"ours": make(ours, run_ours, hidden), "hf": make(theirs, run_theirs, hidden)}, args.warmup, args.repeats
+            timings = time_ms(
+                {"ours": make(ours, run_ours, hidden), "hf": make(theirs, run_theirs, hidden)},
+                args.warmup,
+                args.repeats,
             )
-            speedup = ms["hf"] / ms["ours"]
-            rows.append((dtype_name, pass_name, ms["ours"], ms["hf"], speedup))
+            speedup = timings["hf"].median / timings["ours"].median
+            rows.append((dtype_name, pass_name, timings["ours"], timings["hf"], speedup))
             results[f"{dtype_name}_{pass_name}"] = speedup
 
     print()
-    print("| dtype | pass    | ours grouped_mm (ms) | HF DeepseekV2Moe eager (ms) | speedup |")
-    print("|-------|---------|---------------------:|----------------------------:|--------:|")
+    print("| dtype | pass    | ours grouped_mm, ms (best) | HF DeepseekV2Moe eager, ms (best) | speedup (best) |")
+    print("|-------|---------|---------------------------:|----------------------------------:|---------------:|")
     for dtype_name, pass_name, ours_ms, hf_ms, speedup in rows:
-        print(f"| {dtype_name:5} | {pass_name:7} | {ours_ms:20.1f} | {hf_ms:27.1f} | {speedup:6.2f}x |")
+        print(
+            f"| {dtype_name:5} | {pass_name:7} | {ours_ms.median:16.1f} ({ours_ms.best:7.1f}) | "
+            f"{hf_ms.median:23.1f} ({hf_ms.best:7.1f}) | {speedup:5.2f}x ({hf_ms.best / ours_ms.best:5.2f}x) |"
+        )
     print(f"speedup_fwd_bwd_vs_hf_eager: {results['fp32_fwd+bwd']:.2f}")
     return results
 
