@@ -538,7 +538,13 @@ class ChromaMoePreTrainedModel(PreTrainedModel):
 
 
 class ChromaMoeModel(ChromaMoePreTrainedModel):
-    """The bidirectional MoE encoder: token embeddings -> blocks -> final RMSNorm.
+    """The bidirectional MoE encoder: token embeddings -> RMSNorm -> blocks -> final RMSNorm.
+
+    The embeddings are normalised before entering the residual stream, as BERT and ModernBERT do for encoders: with
+    0.02-std embeddings and unit-RMS sublayer inputs, the first attention output (nearly the same for every token of a
+    sequence at initialisation) would be ~8x larger than the token's own embedding and wash out which token it was. A
+    pooled embedding of the freshly initialised small preset then ranks TAT-QA passages at random (nDCG@10 0.02) instead
+    of like a bag of its token embeddings (0.12), and a short contrastive run cannot recover the lexical signal.
 
     `aux_loss_weight` scales the balance-loss gradient attached in each MoE layer. It stays 1.0 except in GradCache,
     which re-runs a full batch of N texts in chunks of n and sets it to n / N so the chunks' sequence-wise balance losses
@@ -548,6 +554,7 @@ class ChromaMoeModel(ChromaMoePreTrainedModel):
     def __init__(self, config: ChromaMoeConfig) -> None:
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.embed_norm = ChromaMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.layers = nn.ModuleList([ChromaMoeLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = ChromaMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = ChromaMoeRotaryEmbedding(config)
@@ -592,7 +599,7 @@ class ChromaMoeModel(ChromaMoePreTrainedModel):
         )  # None, bool (B, 1, T, T) for sdpa, or additive float for eager
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
 
-        hidden_states = self.embed_dropout(inputs_embeds)
+        hidden_states = self.embed_dropout(self.embed_norm(inputs_embeds))  # (B, T, H), unit RMS per token
         all_hidden: list[torch.Tensor] = [hidden_states] if output_hidden_states else []
         router_logits: list[torch.Tensor] = []
         expert_counts: list[torch.Tensor] = []

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -15,16 +14,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from tokenization.train import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).parent / "distributed" / "phase1_worker.py"
-
-
-def _texts(count: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    words = [rng.choice("bcdfgklmnprstv") + rng.choice("aeiou") + rng.choice("nrst") for _ in range(120)]
-    return [" ".join(rng.choice(words) for _ in range(rng.randint(6, 14))) + "." for _ in range(count)]
 
 
 def _launch(config: dict, tmp_path: Path, name: str, processes: int) -> tuple[list[float], dict[str, torch.Tensor]]:
@@ -44,18 +36,9 @@ def _launch(config: dict, tmp_path: Path, name: str, processes: int) -> tuple[li
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available")
-def test_ddp_phase1_steps_equal_single_process(tmp_path):
-    tokenizer = train_tokenizer(_texts(300, seed=0), vocab_size=512, show_progress=False)
-    tokenizer.save_pretrained(tmp_path / "tokenizer")
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in _texts(40, seed=1)))
+def test_ddp_phase1_steps_equal_single_process(tmp_path, tiny_phase1_config):
     config = {
-        "tokenizer": str(tmp_path / "tokenizer"),
-        "data": [{"spec": str(corpus)}],
-        "model": {"preset": "chroma-moe-tiny", "norm_topk_prob": True, "vocab_size": len(tokenizer)},
-        "min_chars": 1,
-        "seq_len": 32,
-        "per_device_batch_size": 4,
+        **tiny_phase1_config,
         "global_batch_tokens": 256,  # 1 process: 2 accumulated micro-batches; 2 processes: 1 each
         "max_steps": 4,
         "warmup_steps": 1,

@@ -27,7 +27,11 @@ from typing import Any, TypeVar
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import (
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    parse_flag_from_env,
+)
 from torch import nn
 
 from train.data import shared_data_dir
@@ -295,16 +299,52 @@ def make_accelerator(output_dir: str | Path, mixed_precision: str, gradient_accu
     """An ``Accelerator`` logging to tensorboard under ``output_dir/logs``. Without a GPU it is told ``cpu=True``, which
     makes ``accelerate launch --multi_gpu --num_processes N`` start N gloo processes instead of N unrelated ones. The
     scheduler is stepped by the caller once per optimizer step (``step_scheduler_with_optimizer=False``), because
-    Accelerate otherwise steps it once per process."""
+    Accelerate otherwise steps it once per process.
+
+    Under DeepSpeed (``accelerate launch --use_deepspeed`` or a ``distributed_type: DEEPSPEED`` config) ``cpu=True``
+    would silently turn the run into plain DDP, as Accelerate only selects DeepSpeed for ``cpu=False``; without a GPU
+    the processes are then joined over gloo, the backend DeepSpeed's CPU accelerator supports."""
     output_dir = Path(output_dir)
+    on_cpu = not torch.accelerator.is_available()
+    deepspeed = parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
     return Accelerator(
-        cpu=not torch.accelerator.is_available(),
+        cpu=on_cpu and not deepspeed,
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu and deepspeed else None,
         mixed_precision=resolve_mixed_precision(mixed_precision),
         gradient_accumulation_steps=gradient_accumulation_steps,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         step_scheduler_with_optimizer=False,
     )
+
+
+def configure_deepspeed(
+    accelerator: Accelerator, micro_batch_size: int, gradient_accumulation_steps: int, max_grad_norm: float
+) -> None:
+    """Fill the DeepSpeed config from the run config before ``prepare`` (nothing to do without DeepSpeed).
+
+    These loops pass ``prepare`` no DataLoader, where Accelerate would read ``train_micro_batch_size_per_gpu``.
+    DeepSpeed clips inside its own ``step`` (``clip_grad_norm_`` only reads the norm back), so ``max_grad_norm`` must be
+    its ``gradient_clipping``; Accelerate would fill an ``auto`` there with 1.0. Accelerate also lets a fixed
+    ``gradient_accumulation_steps`` in the DeepSpeed config override ours with a warning, which would change the
+    gradient's scale. A value left ``auto`` (or unset) is filled in; a fixed one that disagrees is refused."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    wanted = (
+        ("train_micro_batch_size_per_gpu", micro_batch_size, "per_device_batch_size"),
+        ("gradient_accumulation_steps", gradient_accumulation_steps, "global_batch_tokens"),
+        ("gradient_clipping", max_grad_norm, "max_grad_norm"),
+    )
+    for key, value, source in wanted:
+        current = plugin.deepspeed_config.get(key)
+        if current in (None, "auto"):
+            plugin.deepspeed_config[key] = value
+        elif current != value:
+            raise ConfigError(
+                f"DeepSpeed config {key}={current!r} disagrees with the run config ({key}={value!r}, from config key "
+                f"{source!r}): set it to auto in the DeepSpeed config"
+            )
 
 
 def checkpoint_step(path: Path) -> int | None:

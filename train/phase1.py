@@ -62,6 +62,7 @@ from train.common import (
     build_optimizer,
     build_scheduler,
     config_from_dict,
+    configure_deepspeed,
     expand_path,
     expert_load_stats,
     flatten_for_tracker,
@@ -530,6 +531,7 @@ class Phase1Trainer:
         scheduler = build_scheduler(
             optimizer, cfg.learning_rate, cfg.min_learning_rate, cfg.warmup_steps, cfg.max_steps, start_step=start_step
         )
+        configure_deepspeed(self.acc, cfg.per_device_batch_size, self.accum, cfg.max_grad_norm)
         return self.acc.prepare(model, optimizer, scheduler)
 
     @property
@@ -691,12 +693,14 @@ class Phase1Trainer:
         self._heatmap_counts, self._heatmap_from = None, step
 
     def save_final(self) -> Path:
+        """Every process calls ``save_pretrained`` (it creates and lists the folder; only the main one writes), so the
+        old folder is removed before the barrier: removed after it, it could vanish under another process."""
         final = self.output_dir / "final"
         acc = self.acc
-        acc.wait_for_everyone()
-        state = acc.get_state_dict(self.model)
         if acc.is_main_process:
             shutil.rmtree(final, ignore_errors=True)
+        acc.wait_for_everyone()
+        state = acc.get_state_dict(self.model)
         self.unwrapped.save_pretrained(
             final, state_dict=state, is_main_process=acc.is_main_process, save_function=acc.save
         )

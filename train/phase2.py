@@ -41,6 +41,7 @@ import datasets
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
@@ -477,6 +478,14 @@ def train(config: Phase2Config) -> dict[str, float]:
     checkpoints_dir = output_dir / "checkpoints"
     checkpoint = resume_checkpoint(config, checkpoints_dir)
     accelerator = make_accelerator(output_dir, config.mixed_precision)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # Accelerate turns every `backward` under DeepSpeed into an engine step at an accumulation boundary, while
+        # GradCache back-propagates each chunk separately into one optimizer step, and ZeRO would not shard the
+        # temperature, which lives outside the model. Refused rather than trained with wrong gradients.
+        raise ConfigError(
+            "phase 2 does not run under DeepSpeed (GradCache back-propagates several chunks per optimizer step): "
+            "launch it with train/accelerate/ddp.yaml or fsdp.yaml"
+        )
     world, rank = accelerator.num_processes, accelerator.process_index
     if config.global_batch_size % world:
         raise ConfigError(f"config key 'global_batch_size'={config.global_batch_size} is not divisible by the {world} processes")

@@ -1,0 +1,476 @@
+"""The main job in one command: tokenizer → phase 1 → phase 2 → evaluation → export, on the bundled sample by default.
+
+    python -m train.quickstart [--output runs/quickstart] [--data-dir DIR] [--budget-minutes N] [--config YAML]
+
+Stages, each through the code its own command runs (no second implementation):
+
+1. tokenizer: ``tokenization.train.main`` on the data folder's raw text (byte-level BPE);
+2. phase 1: ``train.phase1.run`` (masked-LM pretraining of chroma-moe-small), the function behind
+   ``accelerate launch train/phase1.py``;
+3. phase 2: ``train.phase2.train`` (contrastive instruction tuning with GradCache) from phase 1's model, the function
+   behind ``accelerate launch train/phase2.py``;
+4. evaluation: ``evaluation.run.main`` on the data folder's dev sets, for the trained model, the same architecture at
+   its random initialisation and the ``bm25`` / ``minilm`` baselines;
+5. export: ``train.export.export`` writes the Hub folder, with the evaluation table in its model card.
+
+The phase configs are ``phase1`` / ``phase2`` of ``train/configs/quickstart.yaml`` with the run-dependent keys filled
+in; they are written to ``<output>/configs/`` so any phase can be re-run alone (or on a GPU cluster) with
+``accelerate launch``. ``--budget-minutes`` sets the phases' step counts from the step rates in the config's ``budget``
+section (measured on a 2-core CPU). On failure the command names the stage, the error and the command that re-runs it.
+
+Data folder layouts (both may be mixed in one folder):
+
+- the sample's (``data/sample/``): ``raw_*.jsonl`` ({"text"}), ``pairs*.jsonl`` ({"query", "positive", "negatives",
+  "task"}) and ``dev/`` (BEIR), a dev set that is evaluated whole and never trained on;
+- the shared folder's (``../shared/data``): ``raw/*.jsonl``, ``pairs/*.jsonl`` and ``retrieval/<name>/`` (BEIR). A
+  retrieval set is split by query (``train.data.split_query_ids``): the train side becomes phase-2 pairs, the held-out
+  side is evaluated, so no evaluated query is trained on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from train.common import ConfigError, config_from_dict, expand_path
+from train.data import INSTRUCTIONS, iter_jsonl, write_heldout_beir, write_jsonl
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "train" / "configs" / "quickstart.yaml"
+DEFAULT_DATA_DIR = REPO_ROOT / "data" / "sample"
+CONFIG_KEYS = ("tokenizer", "phase1", "phase2", "default_pair_task", "pair_tasks", "max_pairs_per_source",
+               "retrieval_sets", "evaluation", "budget")  # fmt: skip
+BUDGET_KEYS = ("default_minutes", "phase1_share", "phase2_share", "phase1_steps_per_minute",
+               "phase2_steps_per_minute", "warmup_fraction", "min_steps")  # fmt: skip
+EVAL_KINDS = ("beir", "esci")
+MODEL_LABELS = {"bm25": "bm25", "minilm": "all-MiniLM-L6-v2"}
+HEADLINE_METRICS = ("ndcg@10", "recall@100", "mrr@10")
+
+T = TypeVar("T")
+
+
+class StageFailed(RuntimeError):
+    """A stage raised: carries the stage's name and the command that re-runs it alone."""
+
+    def __init__(self, stage: str, rerun: str | None, cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.stage, self.rerun = stage, rerun
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Config and data discovery.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def load_quickstart_config(path: str | Path) -> dict[str, Any]:
+    """The quickstart YAML as a mapping, with its top-level and ``budget`` keys checked."""
+    with open(path, encoding="utf-8") as handle:
+        config = yaml.safe_load(handle)
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a YAML mapping")
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    missing = sorted(set(CONFIG_KEYS) - set(config))
+    if unknown or missing:
+        raise ConfigError(f"{path}: unknown key(s) {unknown}, missing key(s) {missing}; expected {list(CONFIG_KEYS)}")
+    budget = config["budget"]
+    if not isinstance(budget, dict) or sorted(budget) != sorted(BUDGET_KEYS):
+        raise ConfigError(f"{path}: 'budget' must have exactly the keys {list(BUDGET_KEYS)}, got {budget!r}")
+    if budget["phase1_share"] + budget["phase2_share"] >= 1:
+        raise ConfigError(f"{path}: budget.phase1_share + budget.phase2_share must leave time for evaluation (< 1)")
+    for name, spec in config["retrieval_sets"].items():
+        if spec.get("task") not in INSTRUCTIONS or spec.get("kind", "beir") not in EVAL_KINDS:
+            raise ConfigError(f"{path}: retrieval_sets.{name}={spec!r}: task must be one of {sorted(INSTRUCTIONS)}, "
+                              f"kind one of {EVAL_KINDS}")  # fmt: skip
+    return config
+
+
+def _is_beir(folder: Path) -> bool:
+    return (folder / "corpus.jsonl").is_file() and (folder / "queries.jsonl").is_file()
+
+
+@dataclass
+class DataFolder:
+    """What a data folder holds (see the module docstring for the two layouts)."""
+
+    root: Path
+    raw: list[Path]
+    pairs: list[Path]
+    dev_sets: list[Path]  # evaluated whole
+    split_sets: list[Path] = field(default_factory=list)  # train side → pairs, held-out side → evaluated
+
+
+def find_data(data_dir: str | Path) -> DataFolder:
+    """Find raw text, pair files and retrieval sets in either layout; a folder missing one of them is an error that
+    lists what was looked for."""
+    root = Path(expand_path(str(data_dir))).resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder {root} not found")
+    retrieval = root / "retrieval"
+    found = DataFolder(
+        root=root,
+        raw=sorted(root.glob("raw_*.jsonl")) + sorted((root / "raw").glob("*.jsonl")),
+        pairs=sorted(root.glob("pairs*.jsonl")) + sorted((root / "pairs").glob("*.jsonl")),
+        dev_sets=[root / "dev"] if _is_beir(root / "dev") else [],
+        split_sets=sorted(d for d in retrieval.iterdir() if _is_beir(d)) if retrieval.is_dir() else [],
+    )
+    problems = [
+        what
+        for what, present in (
+            ("raw text (raw_*.jsonl or raw/*.jsonl)", found.raw),
+            ("phase-2 pairs (pairs*.jsonl, pairs/*.jsonl or retrieval/<name>/ BEIR sets)", found.pairs or found.split_sets),
+            ("a dev set (dev/ or retrieval/<name>/ with corpus.jsonl, queries.jsonl, qrels/test.tsv)", found.dev_sets or found.split_sets),
+        )
+        if not present
+    ]
+    if problems:
+        raise FileNotFoundError(f"data folder {root} has no " + "; no ".join(problems))
+    return found
+
+
+def count_lines(path: Path) -> int:
+    """Non-blank lines of a jsonl file: the records phase 1's mixture draws from it."""
+    with path.open(encoding="utf-8") as handle:
+        return sum(1 for line in handle if line.strip())
+
+
+def pair_sources(pair_files: list[Path], config: Mapping[str, Any], work_dir: Path) -> list[dict[str, Any]]:
+    """Phase-2 ``train_sources`` entries for the pair files.
+
+    A phase-2 source has one instruction task. A file whose rows carry no ``task`` gets the config's task for its stem
+    (else ``default_pair_task``); a file whose rows all carry one task is used as is; a file mixing tasks (the sample's
+    ``pairs.jsonl``) is split into one file per task under ``work_dir``. Rows with and without ``task`` in one file,
+    or an unknown task, are errors naming the file and line.
+    """
+    sources = []
+    cap = config["max_pairs_per_source"]
+    for path in pair_files:
+        tasks: Counter[str] = Counter()
+        without: int | None = None
+        by_task: dict[str, list[dict[str, Any]]] = {}
+        for line_no, row in iter_jsonl(path):
+            task = row.get("task")
+            if task is None:
+                without = without or line_no
+                continue
+            if task not in INSTRUCTIONS:
+                raise ValueError(f"{path}:{line_no}: field 'task'={task!r} is not one of {sorted(INSTRUCTIONS)}")
+            tasks[task] += 1
+            by_task.setdefault(task, []).append(row)
+        if tasks and without is not None:
+            raise ValueError(f"{path}:{without}: row has no 'task' field while other rows of the file have one")
+        if not tasks:
+            task = config["pair_tasks"].get(path.stem, config["default_pair_task"])
+            sources.append({"path": str(path), "task": task, "max_pairs": cap})
+        elif len(tasks) == 1:
+            sources.append({"path": str(path), "task": next(iter(tasks)), "max_pairs": cap})
+        else:
+            for task, rows in by_task.items():
+                target = work_dir / f"{path.stem}.{task}.jsonl"
+                write_jsonl(rows, target)
+                sources.append({"path": str(target), "task": task, "max_pairs": cap})
+    return sources
+
+
+def retrieval_spec(config: Mapping[str, Any], folder: Path) -> dict[str, str]:
+    """The task and evaluation kind of a ``retrieval/<name>/`` set (unknown names: passage retrieval, ``beir``)."""
+    spec = config["retrieval_sets"].get(folder.name, {})
+    return {"task": spec.get("task", config["default_pair_task"]), "kind": spec.get("kind", "beir")}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Budget → steps, and the phase configs.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def phase_steps(budget: Mapping[str, Any], minutes: float, phase: str) -> tuple[int, int]:
+    """(max_steps, warmup_steps) of a phase: its share of the budget times its measured step rate."""
+    steps = max(budget["min_steps"], math.floor(minutes * budget[f"{phase}_share"] * budget[f"{phase}_steps_per_minute"]))
+    return steps, min(steps - 1, math.ceil(budget["warmup_fraction"] * steps))
+
+
+def phase1_config(config: Mapping[str, Any], data: DataFolder, tokenizer_dir: Path, vocab_size: int, out: Path,
+                  minutes: float) -> dict[str, Any]:  # fmt: skip
+    """Phase 1's config: the ``phase1`` section, the raw files weighted by their record counts (so the mixture keeps
+    their natural proportions), the trained tokenizer and its size, and the budget's steps."""
+    max_steps, warmup = phase_steps(config["budget"], minutes, "phase1")
+    raw = dict(config["phase1"])
+    raw.update(
+        tokenizer=str(tokenizer_dir),
+        data=[{"spec": str(path), "weight": float(count_lines(path))} for path in data.raw],
+        model={**raw.get("model", {}), "vocab_size": vocab_size},
+        output_dir=str(out / "phase1"),
+        max_steps=max_steps,
+        warmup_steps=warmup,
+    )
+    return raw
+
+
+def phase2_sources(config: Mapping[str, Any], data: DataFolder, work_dir: Path) -> list[dict[str, Any]]:
+    """Phase 2's ``train_sources``: the pair files (``pair_sources``) and the train side of every retrieval set."""
+    sources = pair_sources(data.pairs, config, work_dir)
+    return sources + [
+        {"beir": str(folder), "task": retrieval_spec(config, folder)["task"], "max_pairs": config["max_pairs_per_source"]}
+        for folder in data.split_sets
+    ]
+
+
+def phase2_config(config: Mapping[str, Any], sources: list[dict[str, Any]], phase1_final: Path, out: Path,
+                  minutes: float) -> dict[str, Any]:  # fmt: skip
+    """Phase 2's config: the ``phase2`` section, starting from phase 1's model, on ``sources``, with the budget's
+    steps."""
+    max_steps, warmup = phase_steps(config["budget"], minutes, "phase2")
+    raw = dict(config["phase2"])
+    raw.update(
+        init_from=str(phase1_final),
+        tokenizer=None,
+        train_sources=sources,
+        output_dir=str(out / "phase2"),
+        dev_beir=None,
+        max_steps=max_steps,
+        warmup_steps=warmup,
+    )
+    return raw
+
+
+def write_yaml(mapping: Mapping[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(dict(mapping), sort_keys=False), encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Stages.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def run_stage(index: int, total: int, name: str, rerun: str | None, body: Callable[[], T]) -> T:
+    """Run one stage under a banner; any exception becomes ``StageFailed`` naming the stage."""
+    print(f"\n=== [{index}/{total}] {name} ===", flush=True)
+    started = time.perf_counter()
+    try:
+        result = body()
+    except Exception as err:
+        raise StageFailed(name, rerun, err) from err
+    print(f"=== [{index}/{total}] {name}: done in {time.perf_counter() - started:.0f} s ===", flush=True)
+    return result
+
+
+def train_tokenizer(raw_files: list[Path], vocab_size: int, output: Path) -> int:
+    """``python -m tokenization.train`` on the raw files; returns the tokenizer's real size (the model's vocab_size)."""
+    from transformers import AutoTokenizer
+
+    from tokenization import train as tokenization_train
+
+    tokenization_train.main(["--output", str(output), "--vocab-size", str(vocab_size), "--input", *map(str, raw_files)])
+    return len(AutoTokenizer.from_pretrained(output))
+
+
+def run_phase1(raw: Mapping[str, Any]) -> Path:
+    from train.phase1 import Phase1Config, run
+
+    result = run(config_from_dict(Phase1Config, raw, source="quickstart phase1"))
+    print(f"phase 1: loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f} over {len(result.losses)} steps, "
+          f"{result.tokens_per_second:.0f} tokens/s")  # fmt: skip
+    return result.final_dir
+
+
+def run_phase2(raw: Mapping[str, Any]) -> Path:
+    from train.phase2 import Phase2Config, train
+
+    train(config_from_dict(Phase2Config, raw, source="quickstart phase2"))
+    return Path(raw["output_dir"]) / "final"
+
+
+def save_untrained(phase1_raw: Mapping[str, Any], phase2_raw: Mapping[str, Any], target: Path) -> Path:
+    """The trained model's architecture at its random initialisation (phase 1's seed), saved the way phase 2 saves its
+    final folder: the reference that shows what training added."""
+    import torch
+    from transformers import PreTrainedTokenizerFast
+
+    from modeling_chroma_moe import ChromaMoeForEmbedding
+    from train.phase1 import Phase1Config
+    from train.phase2 import Phase2Config, save_final
+
+    phase1 = config_from_dict(Phase1Config, phase1_raw, source="quickstart phase1")
+    torch.manual_seed(phase1.seed)
+    model = ChromaMoeForEmbedding(phase1.model_config()).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(phase1.tokenizer)
+    save_final(model, tokenizer, config_from_dict(Phase2Config, phase2_raw, source="quickstart phase2"), target)
+    return target
+
+
+def eval_tasks(config: Mapping[str, Any], data: DataFolder, phase2_raw: Mapping[str, Any], out: Path) -> list[str]:
+    """``evaluation.run`` task arguments: every ``dev/`` set whole, and the held-out side of every retrieval set
+    (written with the split phase 2 trained on)."""
+    tasks = [f"beir:{folder}" for folder in data.dev_sets]
+    for folder in data.split_sets:
+        heldout = write_heldout_beir(
+            folder, out / "data" / "heldout" / folder.name,
+            train_fraction=phase2_raw["split_fraction"], seed=phase2_raw["split_seed"],
+        )  # fmt: skip
+        tasks.append(f"{retrieval_spec(config, folder)['kind']}:{heldout}")
+    return tasks
+
+
+def evaluate(models: list[str], tasks: list[str], out: Path) -> dict[str, Any]:
+    """``python -m evaluation.run`` for every model on every task; returns results.json's content."""
+    from evaluation import run as evaluation_run
+
+    argv = [arg for model in models for arg in ("--model", model)] + [arg for task in tasks for arg in ("--task", task)]
+    argv += ["--output", str(out / "results.json"), "--markdown", str(out / "results.md"), "--plot", str(out / "results.png")]
+    evaluation_run.main(argv)
+    return json.loads((out / "results.json").read_text(encoding="utf-8"))
+
+
+def export_hub(model_dir: Path, results: Path, target: Path, model_id: str) -> list[str]:
+    from train.export import export
+
+    return export(model_dir, target, results_path=results, datasets=[], model_id=model_id)
+
+
+def results_table(results: Mapping[str, Any], labels: Mapping[str, str]) -> str:
+    """A markdown table: one row per (task, model) with the retrieval headline metrics."""
+    lines = ["| task | model | " + " | ".join(HEADLINE_METRICS) + " |", "|---|---|" + "---:|" * len(HEADLINE_METRICS)]
+    for task, per_model in results["tasks"].items():
+        for model, metrics in per_model.items():
+            cells = [f"{metrics[m]:.4f}" if isinstance(metrics.get(m), float) else "n/a" for m in HEADLINE_METRICS]
+            lines.append(f"| {task} | {labels.get(model, model)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The command.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QuickstartResult:
+    """Where everything went, the results and the wall time of each stage."""
+
+    output_dir: Path
+    artefacts: dict[str, Path]
+    results: dict[str, Any]
+    labels: dict[str, str]
+    seconds: dict[str, float]
+
+
+def quickstart(output: str | Path, data_dir: str | Path, budget_minutes: float | None, config_path: str | Path) -> QuickstartResult:
+    """Run the five stages into ``output`` (which must be new or empty); raises ``StageFailed`` naming the stage."""
+    config = load_quickstart_config(config_path)
+    minutes = float(budget_minutes if budget_minutes is not None else config["budget"]["default_minutes"])
+    if minutes <= 0:
+        raise ConfigError(f"--budget-minutes must be > 0, got {minutes}")
+    out = Path(output).resolve()
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"output folder {out} is not empty: remove it or pass --output NEW_FOLDER")
+    data = find_data(data_dir)
+    sources = phase2_sources(config, data, out / "data" / "pairs")  # checks the pair files before any training
+    print(f"data: {data.root}\n  raw text: {len(data.raw)} file(s); pair files: {len(data.pairs)}; dev sets: "
+          f"{len(data.dev_sets)}; split retrieval sets: {len(data.split_sets)}\nbudget: {minutes:g} minutes; "
+          f"output: {out}")  # fmt: skip
+    paths = {
+        "tokenizer": out / "tokenizer",
+        "phase1_config": out / "configs" / "phase1.yaml",
+        "phase2_config": out / "configs" / "phase2.yaml",
+        "untrained_model": out / "untrained",
+        "evaluation": out / "eval",
+        "hub_folder": out / "hub",
+    }
+    seconds: dict[str, float] = {}
+
+    def timed(name: str, index: int, rerun: str | None, body: Callable[[], T]) -> T:
+        started = time.perf_counter()
+        result = run_stage(index, 5, name, rerun, body)
+        seconds[name] = round(time.perf_counter() - started, 1)
+        return result
+
+    vocab_size = timed(
+        "tokenizer", 1, f"python -m tokenization.train --output {paths['tokenizer']} --input ...",
+        lambda: train_tokenizer(data.raw, config["tokenizer"]["vocab_size"], paths["tokenizer"]),
+    )  # fmt: skip
+    phase1_raw = phase1_config(config, data, paths["tokenizer"], vocab_size, out, minutes)
+    write_yaml(phase1_raw, paths["phase1_config"])
+    paths["phase1_model"] = timed(
+        "phase 1 (masked-LM pretraining)", 2, f"accelerate launch train/phase1.py --config {paths['phase1_config']}",
+        lambda: run_phase1(phase1_raw),
+    )  # fmt: skip
+    phase2_raw = phase2_config(config, sources, paths["phase1_model"], out, minutes)
+    write_yaml(phase2_raw, paths["phase2_config"])
+    paths["trained_model"] = timed(
+        "phase 2 (contrastive instruction tuning)", 3, f"accelerate launch train/phase2.py --config {paths['phase2_config']}",
+        lambda: run_phase2(phase2_raw),
+    )  # fmt: skip
+
+    preset = phase1_raw["model"]["preset"]
+    labels = {model: MODEL_LABELS[model] for model in config["evaluation"]["baselines"]}
+    if config["evaluation"]["untrained"]:
+        labels[str(paths["untrained_model"])] = f"{preset}, untrained"
+    labels[str(paths["trained_model"])] = f"{preset}, quickstart"
+
+    def evaluation_stage() -> dict[str, Any]:
+        if config["evaluation"]["untrained"]:
+            save_untrained(phase1_raw, phase2_raw, paths["untrained_model"])
+        return evaluate(list(labels), eval_tasks(config, data, phase2_raw, out), paths["evaluation"])
+
+    results = timed("evaluation", 4, f"python -m evaluation.run --model {paths['trained_model']} --task ...", evaluation_stage)
+    timed(
+        "export", 5, f"python -m train.export --model {paths['trained_model']} --output {paths['hub_folder']}",
+        lambda: export_hub(paths["trained_model"], paths["evaluation"] / "results.json", paths["hub_folder"], f"{preset}-quickstart"),
+    )  # fmt: skip
+    return QuickstartResult(out, paths, results, labels, seconds)
+
+
+def summary(result: QuickstartResult) -> str:
+    """The closing report: where everything is, the results table and stage times."""
+    lines = ["", "=== quickstart finished ===", ""]
+    width = max(len(name) for name in result.artefacts)
+    lines += [f"  {name.ljust(width)}  {path}" for name, path in result.artefacts.items()]
+    lines += ["", results_table(result.results, result.labels), ""]
+    lines.append("stage times: " + ", ".join(f"{name} {sec:.0f} s" for name, sec in result.seconds.items())
+                 + f"; total {sum(result.seconds.values()):.0f} s")  # fmt: skip
+    hub = result.artefacts["hub_folder"]
+    lines += ["", "use it:", f'  SentenceTransformer("{hub}", trust_remote_code=True).encode_query(["wireless earbuds noise cancel"])']
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.quickstart", description=__doc__.split("\n")[0])
+    parser.add_argument("--output", default="runs/quickstart", help="new or empty folder for every artefact (default: %(default)s)")
+    parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="data folder (default: the bundled sample, data/sample)")
+    parser.add_argument("--budget-minutes", type=float, help="time budget that sets the training steps (default: the config's, 15)")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="quickstart YAML (default: train/configs/quickstart.yaml)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("train", "tokenization", "evaluation", "__main__"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    try:
+        result = quickstart(args.output, args.data_dir, args.budget_minutes, args.config)
+    except StageFailed as failure:
+        traceback.print_exception(failure.__cause__)
+        print(f"\nquickstart FAILED in stage '{failure.stage}': {failure}", file=sys.stderr)
+        if failure.rerun:
+            print(f"re-run that stage alone with: {failure.rerun}", file=sys.stderr)
+        return 1
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"quickstart FAILED before training: {err}", file=sys.stderr)
+        return 1
+    print(summary(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
