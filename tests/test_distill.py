@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from test_phase2 import assert_same_gradients, gradients, make_setup
+from test_phase2 import assert_same_gradients, gradients, make_setup, workspace  # noqa: F401 (a fixture)
 from test_phase2_distributed import _free_port
 from train.contrastive import MODEL_INPUTS, ContrastiveBatch, InfoNCELoss, TeacherEmbeddings, grad_cache_step
 from train.distill import (
@@ -298,3 +298,42 @@ def test_minilm_cache_build_from_the_command_line(tmp_path, capsys):
     bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"query": "q", "positive": ""}) + "\n", encoding="utf-8")
     with pytest.raises(ValueError, match=f"{bad}:2: field 'positive' must be a non-empty string, found ''"):
         main(["--pairs", str(bad), "--task", "finance_qa", "--cache-dir", str(tmp_path / "cache")])
+
+
+def test_teacher_embeddings_align_with_the_phase2_collator(workspace, tmp_path):
+    """Phase 2's `PairCollator` batch with `ChromaMoeDistillation.attach`: the teacher rows follow the collator's rows
+    (negatives: each row's first `max_negatives`, in order), and the GradCache step's loss is InfoNCE plus the terms."""
+    from transformers import PreTrainedTokenizerFast
+
+    from configuration_chroma_moe import ChromaMoeConfig
+    from modeling_chroma_moe import ChromaMoeForEmbedding
+    from sentence_chroma_moe import ChromaMoeSentenceEncoder
+    from train.phase2 import PairCollator, text_id
+
+    rows = [
+        {"query": "Acme revenue?", "positive": "Acme reported revenue.", "negatives": ["Acme hired.", "Acme sued."], "task": "finance_qa"},
+        {"query": "A plane takes off.", "positive": "Ein Flugzeug hebt ab.", "negatives": ["Ein Hund bellt."], "task": "bitext"},
+        {"query": "Hooli assets?", "positive": "Hooli total assets grew.", "negatives": [], "task": "finance_qa"},
+        {"query": "Wonka income?", "positive": "Wonka net income fell.", "negatives": ["Wonka moved."], "task": "finance_qa"},
+    ]  # fmt: skip
+    teacher = CountingTeacher()
+    distillation = ChromaMoeDistillation.build(tmp_path, "fake", "query: ", "passage: ", 1.0, 1.0, 0.05, max_negatives=1, encode=teacher)
+    distillation.prepare(rows)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(workspace["tokenizer"])
+    torch.manual_seed(0)
+    model = ChromaMoeForEmbedding(ChromaMoeConfig.from_preset("chroma-moe-tiny", hidden_dropout=0.0, attention_dropout=0.0))
+    batch = distillation.attach(PairCollator(ChromaMoeSentenceEncoder(model, tokenizer), 128, 64, max_negatives=1)(rows), rows)
+
+    negatives = ["Acme hired.", "Ein Hund bellt.", "Wonka moved."]
+    assert batch.negative_ids.tolist() == [text_id(text) for text in negatives]
+    assert batch.teacher.negatives_known.tolist() == [True, False, True]
+    for j in (0, 2):
+        assert torch.equal(batch.teacher.negatives[j], torch.from_numpy(teacher.vector("passage: ", negatives[j])))
+    assert torch.equal(batch.teacher.positives[1], torch.from_numpy(teacher.vector("query: ", rows[1]["query"])))
+
+    loss_fn = InfoNCELoss(temperature=0.05)
+    output = grad_cache_step(model.train(), loss_fn, batch, chunk_size=3, distill_fn=distillation.loss)
+    model.zero_grad()
+    info_nce = grad_cache_step(model, loss_fn, batch, chunk_size=3).loss
+    assert torch.allclose(output.loss, info_nce + sum(output.distill.values()), rtol=1e-6)
+    assert all(value > 0 for value in output.distill.values())

@@ -318,7 +318,9 @@ def grad_cache_step(
     loss = loss_fn(leaves["queries"], leaves["positives"], leaves.get("negatives"), batch.pair_ids, negative_ids)
     terms: dict[str, torch.Tensor] = {}
     if distill_fn is not None:
-        terms = distill_fn(leaves["queries"], leaves["positives"], leaves.get("negatives"), batch.teacher, loss_fn.log_temperature)
+        terms = distill_fn(
+            leaves["queries"], leaves["positives"], leaves.get("negatives"), batch.teacher, loss_fn.log_temperature
+        )
         loss = loss + sum(terms.values())
     loss.backward()
     _, world = _world()

@@ -41,6 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from train.contrastive import ContrastiveBatch, TeacherEmbeddings, _world, gather_across_processes
+from train.data import load_pair_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +183,9 @@ class ChromaMoeTeacherCache:
                         chunk = group[first : first + self.batch_size]
                         embeddings = np.asarray(encode([text for _, text in chunk], prompt), dtype=np.float32)
                         if embeddings.shape[0] != len(chunk) or embeddings.ndim != 2:
-                            raise ValueError(f"teacher {self.teacher!r} returned shape {embeddings.shape} for {len(chunk)} texts")
+                            raise ValueError(
+                                f"teacher {self.teacher!r} returned shape {embeddings.shape} for {len(chunk)} texts"
+                            )
                         keys += [key for key, _ in chunk]
                         vectors.append(embeddings)
                         progress.update(len(chunk))
@@ -236,7 +239,9 @@ def texts_to_encode(rows: Iterable[Mapping[str, Any]], max_negatives: int | None
     return queries, documents
 
 
-def teacher_embeddings(cache: ChromaMoeTeacherCache, rows: Sequence[Mapping[str, Any]], max_negatives: int) -> TeacherEmbeddings:
+def teacher_embeddings(
+    cache: ChromaMoeTeacherCache, rows: Sequence[Mapping[str, Any]], max_negatives: int
+) -> TeacherEmbeddings:
     """The teacher's embeddings aligned with `train.phase2.PairCollator(rows)`'s batch: queries and positives row by
     row, negatives in the collator's order (each row's first `max_negatives`). For a parallel pair the positive's row
     is the query's embedding and its negatives are marked unknown."""
@@ -304,8 +309,12 @@ class ChromaMoeDistillationLoss(nn.Module):
         rows do not match the student's."""
         if negatives is None:
             negatives = positives.new_zeros((0, positives.shape[1]))
-        teacher_negatives = teacher.negatives if teacher.negatives is not None else teacher.queries.new_zeros((0, teacher.queries.shape[1]))
-        known = teacher.negatives_known if teacher.negatives_known is not None else torch.ones(negatives.shape[0], dtype=torch.bool)
+        teacher_negatives = teacher.negatives
+        if teacher_negatives is None:
+            teacher_negatives = teacher.queries.new_zeros((0, teacher.queries.shape[1]))
+        known = teacher.negatives_known
+        if known is None:
+            known = torch.ones(negatives.shape[0], dtype=torch.bool)
         shapes = {"queries": (queries, teacher.queries), "positives": (positives, teacher.positives),
                   "negatives": (negatives, teacher_negatives)}  # fmt: skip
         for name, (student, target) in shapes.items():
@@ -334,7 +343,7 @@ class ChromaMoeDistillationLoss(nn.Module):
             documents = F.normalize(torch.cat([all_positives, all_negatives[all_known]]), dim=-1)  # (N + M_known, D)
             teacher_documents = F.normalize(torch.cat([all_teacher_positives, all_teacher_negatives[all_known]]), dim=-1)
             student = F.normalize(queries, dim=-1) @ documents.T * (-log_temperature).exp()  # (n, N + M_known)
-            target = F.normalize(teacher.queries, dim=-1) @ teacher_documents.T / self.teacher_temperature  # (n, N + M_known)
+            target = F.normalize(teacher.queries, dim=-1) @ teacher_documents.T / self.teacher_temperature  # (n, N+M_known)
             log_student, log_target = student.log_softmax(dim=-1), target.log_softmax(dim=-1)
             divergence = (log_target.exp() * (log_target - log_student)).sum()
             terms["distill_score"] = self.score_weight * world * divergence / all_positives.shape[0]
@@ -397,19 +406,27 @@ class ChromaMoeDistillation:
 
 def main(argv: list[str] | None = None) -> int:
     """Build the teacher cache of pair files; prints and returns the number of texts encoded."""
-    from train.data import load_pair_dataset
-
-    parser = argparse.ArgumentParser(prog="python -m train.distill", description="Build a teacher-embedding cache for phase-2 distillation ahead of a run.")
-    parser.add_argument("--teacher", default=DEFAULT_TEACHER, help="sentence-transformers folder or Hub id (default: %(default)s, offline)")
-    parser.add_argument("--pairs", nargs="+", required=True, metavar="FILE", help="pair .jsonl files or Hub ids (as train_sources' path)")
+    parser = argparse.ArgumentParser(
+        prog="python -m train.distill", description="Build a teacher-embedding cache for phase-2 distillation ahead of a run."
+    )
+    parser.add_argument(
+        "--teacher", default=DEFAULT_TEACHER, help="sentence-transformers folder or Hub id (default: %(default)s, offline)"
+    )
+    parser.add_argument(
+        "--pairs", nargs="+", required=True, metavar="FILE", help="pair .jsonl files or Hub ids (as train_sources' path)"
+    )
     parser.add_argument("--cache-dir", required=True, help="the cache folder (phase 2's teacher cache)")
-    parser.add_argument("--task", default=None, help="task of every pair (default: each row's 'task' field); 'bitext' = parallel pairs")
+    parser.add_argument(
+        "--task", default=None, help="task of every pair (default: each row's 'task' field); 'bitext' = parallel pairs"
+    )
     parser.add_argument("--query-prompt", default="", help="the teacher's query prompt (default: none)")
     parser.add_argument("--document-prompt", default="", help="the teacher's document prompt (default: none)")
     parser.add_argument("--max-negatives", type=int, default=None, help="hard negatives per pair to embed (default: all)")
     parser.add_argument("--batch-size", type=int, default=64, help="texts per teacher forward")
     args = parser.parse_args(argv)
-    cache = ChromaMoeTeacherCache(args.cache_dir, args.teacher, args.query_prompt, args.document_prompt, batch_size=args.batch_size)
+    cache = ChromaMoeTeacherCache(
+        args.cache_dir, args.teacher, args.query_prompt, args.document_prompt, batch_size=args.batch_size
+    )
     queries, documents = [], []
     for spec in args.pairs:
         more_queries, more_documents = texts_to_encode(load_pair_dataset(spec, task=args.task), args.max_negatives)
