@@ -270,6 +270,13 @@ def test_cache_round_trips_exactly_and_writes_atomically(tmp_path):
     other_teacher = ChromaMoeTeacherCache(tmp_path, "another", "", "doc: ", encode=teacher)
     assert other_teacher.ensure(queries[:2], []) == 2, "a different teacher id must not reuse the embeddings"
 
+    (tmp_path / "broken.npy").write_bytes(b"not a shard")
+    with pytest.raises(ValueError, match="broken.npy: unreadable teacher-cache shard .*delete it to re-encode"):
+        ChromaMoeTeacherCache(tmp_path, "fake")
+    np.save(tmp_path / "broken.npy", np.zeros(3))
+    with pytest.raises(ValueError, match="broken.npy: not a teacher-cache shard \\(fields None, expected key, embedding\\)"):
+        ChromaMoeTeacherCache(tmp_path, "fake")
+
 
 def test_minilm_cache_build_from_the_command_line(tmp_path, capsys):
     """`python -m train.distill` on a 10-pair file (20 texts) with the real all-MiniLM-L6-v2: the cached embeddings

@@ -85,6 +85,7 @@ class ChromaMoeTeacherCache:
     Args:
         cache_dir: The cache folder (created if missing); one folder may hold several teachers and prompts.
         teacher: Teacher id (see `load_teacher`); part of every key, so changing the teacher never reuses embeddings.
+            The id is taken as given: a teacher folder retrained in place needs a new cache folder.
         query_prompt, document_prompt: The teacher's own prompts (e.g. e5's `"query: "` / `"passage: "`), prepended by
             sentence-transformers; `""` = none. Independent of the student's instructions.
         encode: `encode(texts, prompt) -> (n, D_t)` array; default: the teacher's `SentenceTransformer.encode`, loaded on
@@ -129,9 +130,12 @@ class ChromaMoeTeacherCache:
         for path in sorted(self.cache_dir.glob("*.npy")):
             if path.name in self._shards:
                 continue
-            shard = np.load(path, mmap_mode="r")
+            try:
+                shard = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as err:
+                raise ValueError(f"{path}: unreadable teacher-cache shard ({err}); delete it to re-encode its texts") from err
             if shard.dtype.names != ("key", "embedding"):
-                raise ValueError(f"{path}: not a teacher-cache shard (fields {shard.dtype.names})")
+                raise ValueError(f"{path}: not a teacher-cache shard (fields {shard.dtype.names}, expected key, embedding)")
             self._shards[path.name] = shard
             for row, key in enumerate(np.asarray(shard["key"])):
                 self._index.setdefault(key.tobytes(), (path.name, row))
