@@ -216,13 +216,14 @@ class ChromaMoeTeacherCache:
             places.append(place)
         if not places:
             return torch.zeros((0, 0))
-        out = [np.empty(0)] * len(places)
-        for name in dict.fromkeys(name for name, _ in places):
-            positions = [i for i, (n, _) in enumerate(places) if n == name]
-            rows = np.asarray(self._shards[name]["embedding"][[places[i][1] for i in positions]])  # (k, D_t)
-            for i, row in zip(positions, rows):
-                out[i] = row
-        return torch.from_numpy(np.stack(out))  # (n, D_t)
+        by_shard: dict[str, list[tuple[int, int]]] = {}
+        for position, (name, row) in enumerate(places):
+            by_shard.setdefault(name, []).append((position, row))
+        out = np.empty((len(places), self._shards[places[0][0]]["embedding"].shape[1]), dtype=np.float32)  # (n, D_t)
+        for name, items in by_shard.items():
+            positions, rows = zip(*items)
+            out[list(positions)] = self._shards[name]["embedding"][list(rows)]
+        return torch.from_numpy(out)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
