@@ -13,7 +13,9 @@
   in chunks without a graph, the loss and its gradient w.r.t. every embedding (and the temperature) are computed on the
   full batch, then each chunk is re-run with its saved RNG state (so dropout draws the same masks) and back-propagated
   from the cached embedding gradient. ``sentence_transformers``' ``CachedMultipleNegativesRankingLoss`` does the same
-  with a fixed scale; its ``RandContext`` (RNG snapshot/replay) is reused here as is.
+  with a fixed scale; its ``RandContext`` (RNG snapshot/replay) is reused here as is. A distillation loss
+  (``train.distill``) on the batch's ``TeacherEmbeddings`` is added to the loss of that full-batch step, so its
+  gradients take the same cached-embedding path.
 
 Gradient scaling with several processes: process ``r`` returns ``W / N · Σ_{i ∈ r} ℓ_i`` over its own queries
 (``W`` processes, ``N`` queries in the global batch). The all-gather backward sums every process's gradient into the
@@ -27,7 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -165,17 +167,38 @@ class InfoNCELoss(nn.Module):
 
 
 @dataclass
+class TeacherEmbeddings:
+    """A teacher's embeddings of one process's share of a step, aligned row by row with a `ContrastiveBatch`:
+    `queries` `(n, D_t)`, `positives` `(n, D_t)`, `negatives` `(m, D_t)` or None, and `negatives_known` `(m,)` bool
+    (False where a hard negative has no target: the negatives of parallel pairs, whose source-language text is
+    unknown). `D_t` is the teacher's size, independent of the student's. Built by `train.distill`."""
+
+    queries: torch.Tensor
+    positives: torch.Tensor
+    negatives: torch.Tensor | None = None
+    negatives_known: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> TeacherEmbeddings:
+        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device)
+
+        return TeacherEmbeddings(move(self.queries), move(self.positives), move(self.negatives), move(self.negatives_known))
+
+
+@dataclass
 class ContrastiveBatch:
     """One process's share of a step: tokenised queries, positives and hard negatives (each a dict of
     `input_ids`, `attention_mask`, `pooling_mask`, all `(rows, T)`). Row i of queries pairs with row i of positives;
     negatives may have any number of rows, or be None. `pair_ids` `(n, 2)` / `negative_ids` `(m,)`: text ids for the
-    false-negative mask of `InfoNCELoss` (optional)."""
+    false-negative mask of `InfoNCELoss` (optional). `teacher`: the teacher's embeddings of the same rows, for a
+    distillation loss (optional)."""
 
     queries: Features
     positives: Features
     negatives: Features | None = None
     pair_ids: torch.Tensor | None = None
     negative_ids: torch.Tensor | None = None
+    teacher: TeacherEmbeddings | None = None
 
     def groups(self) -> Iterator[tuple[str, Features]]:
         yield "queries", self.queries
@@ -191,19 +214,23 @@ class ContrastiveBatch:
             return None if ids is None else ids.to(device)
 
         return ContrastiveBatch(
-            move(self.queries), move(self.positives), move(self.negatives), move_ids(self.pair_ids), move_ids(self.negative_ids)
-        )
+            move(self.queries), move(self.positives), move(self.negatives), move_ids(self.pair_ids),
+            move_ids(self.negative_ids), None if self.teacher is None else self.teacher.to(device),
+        )  # fmt: skip
 
 
 @dataclass
 class StepOutput:
-    """What one GradCache step reports: the loss (this process's share, detached), the MoE balance loss as the
-    full-batch passes would log it, the summed per-layer expert token counts, and the number of embedded texts."""
+    """What one GradCache step reports: the loss (this process's share, detached; InfoNCE plus any distillation
+    terms), the MoE balance loss as the full-batch passes would log it, the summed per-layer expert token counts, the
+    number of embedded texts, and each weighted distillation term (this process's share, detached; empty without
+    distillation)."""
 
     loss: torch.Tensor
     aux_loss: torch.Tensor
     expert_counts: tuple[torch.Tensor, ...]
     texts: int
+    distill: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _backbone(model: nn.Module) -> nn.Module:
@@ -241,6 +268,7 @@ def grad_cache_step(
     *,
     backward: Callable[[torch.Tensor], None] | None = None,
     no_sync: Callable[[], AbstractContextManager] | None = None,
+    distill_fn: Callable[..., dict[str, torch.Tensor]] | None = None,
 ) -> StepOutput:
     """Accumulate into `.grad` the gradients of `loss_fn` on `batch` for `model`'s parameters and the temperature,
     running the model on at most `chunk_size` texts at a time (GradCache).
@@ -251,9 +279,16 @@ def grad_cache_step(
     gradients then add up to the full-batch pass's. `backward` back-propagates each chunk's surrogate `(embeddings · cached_grad).sum()`
     (e.g. `accelerator.backward`); `no_sync` (e.g. `lambda: accelerator.no_sync(model)`) wraps every chunk but the
     last, so data-parallel gradients are all-reduced once per step.
+
+    `distill_fn` (e.g. `train.distill.ChromaMoeDistillationLoss`), called as `distill_fn(queries, positives, negatives,
+    batch.teacher, loss_fn.log_temperature)` on the same full-batch cached embeddings as `loss_fn`, returns weighted
+    loss terms that are added to the InfoNCE loss, so their gradients reach the model through the cached-embedding
+    path of step 3. Raises ValueError when `distill_fn` is given and `batch.teacher` is None.
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if distill_fn is not None and batch.teacher is None:
+        raise ValueError("distill_fn is given but batch.teacher is None: attach the teacher's embeddings to the batch")
     backward = backward or torch.Tensor.backward
     no_sync = no_sync or nullcontext
     backbone = _backbone(model)
@@ -281,6 +316,12 @@ def grad_cache_step(
     leaves = {name: torch.cat(parts).requires_grad_() for name, parts in embeddings.items()}
     negative_ids = batch.negative_ids if "negatives" in leaves else None
     loss = loss_fn(leaves["queries"], leaves["positives"], leaves.get("negatives"), batch.pair_ids, negative_ids)
+    terms: dict[str, torch.Tensor] = {}
+    if distill_fn is not None:
+        terms = distill_fn(
+            leaves["queries"], leaves["positives"], leaves.get("negatives"), batch.teacher, loss_fn.log_temperature
+        )
+        loss = loss + sum(terms.values())
     loss.backward()
     _, world = _world()
     if world > 1 and loss_fn.log_temperature.grad is not None:
@@ -300,4 +341,5 @@ def grad_cache_step(
                 backward((embedding.float() * grad).sum())
     finally:
         backbone.aux_loss_weight = 1.0
-    return StepOutput(loss.detach(), aux_loss, tuple(counts or ()), sum(len(f["input_ids"]) for f in groups.values()))
+    texts = sum(len(f["input_ids"]) for f in groups.values())
+    return StepOutput(loss.detach(), aux_loss, tuple(counts or ()), texts, {name: t.detach() for name, t in terms.items()})
