@@ -11,6 +11,8 @@ Instructions are attended to but not pooled (NV-Embed §3.3, arXiv:2405.17428; t
 - the prompt sentence-transformers prepends (`encode_query` uses the `query` prompt of
   `config_sentence_transformers.json`),
 - plus, at the start of the text itself, an inline `Instruction: {task} Query: ` prefix (the phase-2 training format).
+Leading and trailing whitespace of the text is not read (`strip_text`, queries and documents alike), so the pooled
+tokens are exactly the tokens of the stripped text tokenised alone, plus `</s>`.
 The token boundary is found from the tokenizer's character offsets, not by tokenizing the prompt alone: the byte-level
 BPE joins the space that ends a prompt to the first word of the text, so a separately tokenized prompt is one token
 longer than its share of the joined text and would hide the text's first word from pooling.
@@ -62,6 +64,18 @@ def instruction_chars(text: str) -> int:
     stripped = text.lstrip()
     match = _INLINE_INSTRUCTION.match(stripped)
     return len(text) - len(stripped) + match.end() if match else 0
+
+
+def strip_text(text: str) -> str:
+    """The text the model reads: `text` without leading and trailing whitespace (`str.strip`, so newlines, tabs and
+    Unicode spaces too).
+
+    One rule for queries and documents, applied by `ChromaMoeSentenceEncoder.preprocess` (inference and phase-2
+    training) and `train.data.format_query`: the tokenizer strips only the start of the whole prompt + text string, so
+    without it whitespace that opens a query is pooled as tokens of its own, and trailing whitespace adds tokens to any
+    text. `"\nhdmi cable"`, `"  hdmi cable  "` and `"hdmi cable"` are therefore the same input.
+    """
+    return text.strip()
 
 
 class ChromaMoeSentenceEncoder(InputModule):
@@ -118,21 +132,27 @@ class ChromaMoeSentenceEncoder(InputModule):
         """Tokenize `prompt + text` for every text, padded to the longest in the batch and truncated to
         `max_length` (default `max_seq_length`; sentence-transformers' data collator passes it per task).
 
+        Whitespace rule: the text (what follows the prompt and any inline instruction) is read as `strip_text(text)`,
+        without leading and trailing whitespace, for queries and documents alike, in training and in inference.
+
         `pooling_mask` (B, T) zeroes the leading instruction tokens: `<s>` and every token that ends inside the prompt
         plus inline instruction, so the pooled tokens are the ones the text has when tokenized on its own, plus `</s>`.
         At least the last real token (`</s>`) is always pooled, so a text that truncation reduced to its instruction
         still gets an embedding.
         """
         prompt = prompt or ""
-        texts = []
+        texts, instruction_lengths = [], []
         for text in inputs:
             if not isinstance(text, str):
                 # ValueError, not TypeError: sentence-transformers retries preprocess without the prompt on TypeError.
                 raise ValueError(
                     f"expected texts (str), got a {type(text).__name__}: {text!r:.80} (pairs are not supported)"
                 )
-            texts.append(prompt + text)
-        boundary = torch.tensor([len(prompt) + instruction_chars(text[len(prompt):]) for text in texts])  # (B,)
+            split = instruction_chars(text)
+            instruction = prompt + text[:split].lstrip()
+            texts.append(instruction + strip_text(text[split:]))
+            instruction_lengths.append(len(instruction))
+        boundary = torch.tensor(instruction_lengths)  # (B,) characters of prompt + inline instruction
         encoded = self.tokenizer(
             texts,
             padding=True,
@@ -275,4 +295,5 @@ __all__ = [
     "instruction_chars",
     "instruction_prompt",
     "save_sentence_transformer",
+    "strip_text",
 ]

@@ -471,7 +471,9 @@ INSTRUCTIONS: dict[str, str] = {
 def format_query(text: str, task: str) -> tuple[str, int]:
     """The instructed query ``Instruction: {description} Query: {text}`` and the length of its instruction part.
 
-    Documents carry no instruction. The returned length ``n`` ends the instruction *before* the space that precedes
+    ``text`` enters without leading and trailing whitespace, the rule ``sentence_chroma_moe.strip_text`` states for
+    every text the model reads (``"\nhdmi cable"`` gives the same query as ``"hdmi cable"``). Documents carry no
+    instruction. The returned length ``n`` ends the instruction *before* the space that precedes
     ``text``: characters ``[0, n)`` are instruction, and a token belongs to the query iff its start offset is ``>= n``.
     That boundary holds whether the tokenizer's offsets include the leading space of the first query token (byte-level
     BPE without ``trim_offsets``) or not. The model attends to the instruction but leaves it out of pooling
@@ -480,7 +482,7 @@ def format_query(text: str, task: str) -> tuple[str, int]:
     if task not in INSTRUCTIONS:
         raise ValueError(f"unknown task {task!r}; known tasks: {sorted(INSTRUCTIONS)}")
     prefix = f"Instruction: {INSTRUCTIONS[task]} Query:"
-    return f"{prefix} {text}", len(prefix)
+    return f"{prefix} {text.strip()}", len(prefix)
 
 
 # --------------------------------------------------------------------------------------------------------------------

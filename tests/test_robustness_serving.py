@@ -1,0 +1,78 @@
+"""Serving robustness (issue 13): the whitespace rule of every text the model reads, in training and inference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sentence_transformers import SentenceTransformer
+from test_sentence_transformers import CORPUS  # tests/ is on sys.path under pytest
+
+from configuration_chroma_moe import ChromaMoeConfig
+from modeling_chroma_moe import ChromaMoeForEmbedding
+from sentence_chroma_moe import build_sentence_transformer, instruction_prompt, strip_text
+from tokenization.train import train_tokenizer
+from train.data import INSTRUCTIONS, format_query
+
+WHITESPACE_VARIANTS = ["\nhdmi cable", "  hdmi cable  ", "hdmi cable", "\t hdmi cable\n\n", "\u3000hdmi cable\u00a0"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(CORPUS * 4, vocab_size=400, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def st_model(tokenizer) -> SentenceTransformer:
+    torch.manual_seed(0)
+    embedder = ChromaMoeForEmbedding(ChromaMoeConfig.from_preset("chroma-moe-tiny")).eval()
+    return build_sentence_transformer(embedder, tokenizer)
+
+
+def pooled_ids(features: dict[str, torch.Tensor], row: int) -> list[int]:
+    return features["input_ids"][row][features["pooling_mask"][row].bool()].tolist()
+
+
+@pytest.mark.parametrize("kind", ["query", "document"])
+def test_leading_and_trailing_whitespace_do_not_change_the_embedding(st_model, kind):
+    encode = st_model.encode_query if kind == "query" else st_model.encode_document
+    batched = encode(WHITESPACE_VARIANTS, convert_to_tensor=True)  # (5, D)
+    for row in range(len(WHITESPACE_VARIANTS)):
+        torch.testing.assert_close(batched[row], batched[2], atol=1e-6, rtol=0)
+        alone = encode([WHITESPACE_VARIANTS[row]], convert_to_tensor=True)[0]  # its own batch, no padding
+        torch.testing.assert_close(alone, batched[2], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["query", "document"])
+def test_pooled_tokens_are_the_texts_own_tokens(st_model, tokenizer, kind):
+    prompt = st_model.prompts[kind]
+    features = st_model.preprocess(WHITESPACE_VARIANTS, prompt=prompt)
+    own = tokenizer("hdmi cable", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert tokenizer.convert_ids_to_tokens(own) == ["Ġh", "d", "m", "i", "Ġc", "able", "</s>"]
+    if kind == "document":  # a text without instruction pools <s> too
+        own = [tokenizer.bos_token_id, *own]
+    for row in range(len(WHITESPACE_VARIANTS)):
+        assert pooled_ids(features, row) == own
+
+
+def test_training_queries_follow_the_same_rule(st_model):
+    """The phase-2 collator formats queries with `format_query` and tokenises them with the same `preprocess`: the
+    features equal inference's `encode_query` features with the task's prompt, whatever whitespace the query has."""
+    from train.phase2 import PairCollator
+
+    collator = PairCollator(st_model[0], max_query_length=128, max_document_length=128, max_negatives=1)
+    task = "product_search"
+    training = collator.queries(WHITESPACE_VARIANTS, [task] * len(WHITESPACE_VARIANTS))
+    inference = st_model.preprocess(["hdmi cable"] * len(WHITESPACE_VARIANTS),
+                                    prompt=instruction_prompt(INSTRUCTIONS[task]))  # fmt: skip
+    for key in ("input_ids", "attention_mask", "pooling_mask"):
+        assert training[key].tolist() == inference[key].tolist(), key
+    text, prefix_len = format_query("\n  hdmi cable \n", task)
+    assert text == f"Instruction: {INSTRUCTIONS[task]} Query: hdmi cable" and text[prefix_len:] == " hdmi cable"
+    documents = collator.documents(WHITESPACE_VARIANTS)
+    assert all(pooled_ids(documents, row) == pooled_ids(documents, 2) for row in range(len(WHITESPACE_VARIANTS)))
+
+
+def test_strip_text_rule():
+    assert [strip_text(text) for text in WHITESPACE_VARIANTS] == ["hdmi cable"] * len(WHITESPACE_VARIANTS)
+    assert strip_text(" a  b ") == "a  b"  # inner whitespace is the text's own
+    assert strip_text(" \n ") == ""
