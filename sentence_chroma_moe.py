@@ -100,28 +100,47 @@ class ChromaMoeSentenceEncoder(InputModule):
         max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH,
     ) -> None:
         super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_seq_length = max_seq_length
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Checked on every assignment (the constructor and `SentenceTransformer.tokenizer = ...` alike): a fast
+        tokenizer whose vocabulary fits the model and whose pad id is the model's, else `ValueError`."""
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError(
                 f"tokenizer {type(tokenizer).__name__} is not a fast tokenizer: character offsets are needed to keep "
                 "the instruction out of pooling"
             )
-        if len(tokenizer) > model.config.vocab_size:
+        if len(tokenizer) > self.model.config.vocab_size:
             raise ValueError(
-                f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model.config.vocab_size}"
+                f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {self.model.config.vocab_size}"
             )
-        if tokenizer.pad_token_id != model.config.pad_token_id:
+        if tokenizer.pad_token_id != self.model.config.pad_token_id:
             raise ValueError(
                 f"tokenizer pad_token_id={tokenizer.pad_token_id} differs from the model's pad_token_id="
-                f"{model.config.pad_token_id}"
+                f"{self.model.config.pad_token_id}"
             )
-        if not 0 < max_seq_length <= model.config.max_position_embeddings:
-            raise ValueError(
-                f"max_seq_length={max_seq_length} must be in 1..max_position_embeddings="
-                f"{model.config.max_position_embeddings}"
-            )
-        self.model = model
-        self.tokenizer = tokenizer
-        self.max_seq_length = max_seq_length
+        self._tokenizer = tokenizer
+
+    @property
+    def max_seq_length(self) -> int:
+        return self._max_seq_length
+
+    @max_seq_length.setter
+    def max_seq_length(self, value: int) -> None:
+        """Checked on every assignment (the constructor, `sentence_bert_config.json` on load and
+        `SentenceTransformer.max_seq_length = ...` alike), so a value that is accepted also saves a folder that loads:
+        `ValueError` unless it is an int in 1..`max_position_embeddings`."""
+        limit = self.model.config.max_position_embeddings
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
+            raise ValueError(f"max_seq_length={value!r} must be in 1..max_position_embeddings={limit}")
+        self._max_seq_length = value
 
     def get_embedding_dimension(self) -> int:
         return self.model.config.embedding_dim

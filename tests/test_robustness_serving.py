@@ -76,3 +76,52 @@ def test_strip_text_rule():
     assert [strip_text(text) for text in WHITESPACE_VARIANTS] == ["hdmi cable"] * len(WHITESPACE_VARIANTS)
     assert strip_text(" a  b ") == "a  b"  # inner whitespace is the text's own
     assert strip_text(" \n ") == ""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Validation lives in setters, not only in constructors: what is accepted saves a folder that loads.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_max_seq_length_out_of_range_is_refused_when_set(st_model, tmp_path):
+    from sentence_chroma_moe import ChromaMoeSentenceEncoder, save_sentence_transformer
+
+    message = "max_seq_length=1024 must be in 1..max_position_embeddings=512"
+    for bad, shown in ((1024, "1024"), (0, "0"), (-1, "-1"), (128.0, "128.0"), ("128", "'128'"), (True, "True")):
+        with pytest.raises(ValueError) as error:
+            st_model.max_seq_length = bad
+        assert str(error.value) == message.replace("1024", shown)
+        assert st_model.max_seq_length == 512  # unchanged
+    with pytest.raises(ValueError) as error:
+        ChromaMoeSentenceEncoder(st_model[0].model, st_model.tokenizer, max_seq_length=1024)
+    assert str(error.value) == message
+    st_model.max_seq_length = 512  # the limit itself is fine and saves a folder that loads
+    try:
+        st_model.max_seq_length = 300
+        folder = tmp_path / "st"
+        save_sentence_transformer(st_model, folder)
+        loaded = SentenceTransformer(str(folder), trust_remote_code=True, local_files_only=True)
+        assert loaded.max_seq_length == 300
+        # a hand-edited sentence_bert_config.json is refused on load with the same rule
+        (folder / "sentence_bert_config.json").write_text('{"max_seq_length": 1024}')
+        with pytest.raises(ValueError) as error:
+            SentenceTransformer(str(folder), trust_remote_code=True, local_files_only=True)
+        assert str(error.value) == message
+    finally:
+        st_model.max_seq_length = 512
+
+
+def test_tokenizer_is_checked_when_set(st_model):
+    tokenizer = st_model.tokenizer
+    big = train_tokenizer(CORPUS * 4, vocab_size=600, show_progress=False)
+    with pytest.raises(ValueError) as error:
+        st_model.tokenizer = big
+    assert str(error.value) == f"tokenizer has {len(big)} tokens but the model's vocab_size is 512"
+    assert st_model.tokenizer is tokenizer
+    with pytest.raises(ValueError) as error:
+        st_model.tokenizer = type("SlowTokenizer", (), {"is_fast": False})()
+    assert str(error.value) == (
+        "tokenizer SlowTokenizer is not a fast tokenizer: character offsets are needed to keep the instruction out of "
+        "pooling"
+    )
+    assert st_model.tokenizer is tokenizer
