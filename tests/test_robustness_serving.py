@@ -125,3 +125,53 @@ def test_tokenizer_is_checked_when_set(st_model):
         "pooling"
     )
     assert st_model.tokenizer is tokenizer
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# ChromaMoeConfig: every field gets a ValueError naming it, at construction, at save and at model construction.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"kv_lora_rank": None}, "ChromaMoeConfig.kv_lora_rank=None: must be a positive integer"),
+        ({"qk_rope_head_dim": 7}, "ChromaMoeConfig.qk_rope_head_dim=7: must be even (RoPE rotates pairs of channels)"),
+        ({"qk_rope_head_dim": None}, "ChromaMoeConfig.qk_rope_head_dim=None: must be a positive integer"),
+        ({"hidden_size": 64.0}, "ChromaMoeConfig.hidden_size=64.0: must be a positive integer"),
+        ({"num_attention_heads": True}, "ChromaMoeConfig.num_attention_heads=True: must be a positive integer"),
+        ({"num_experts_per_tok": None}, "ChromaMoeConfig.num_experts_per_tok=None: must be a positive integer"),
+        ({"n_routed_experts": None}, "ChromaMoeConfig.n_routed_experts=None: must be an integer >= 0"),
+        ({"q_lora_rank": 0}, "ChromaMoeConfig.q_lora_rank=0: must be None (full-rank queries) or a positive integer"),
+        ({"rope_theta": -1.0}, "ChromaMoeConfig.rope_theta=-1.0: must be a positive number"),
+        ({"rms_norm_eps": None}, "ChromaMoeConfig.rms_norm_eps=None: must be a positive number"),
+        ({"router_aux_loss_coef": "0.01"}, "ChromaMoeConfig.router_aux_loss_coef='0.01': must be a number >= 0"),
+        ({"hidden_dropout": 1.0}, "ChromaMoeConfig.hidden_dropout=1.0: must be a number in [0, 1)"),
+        ({"normalize_embeddings": "yes"}, "ChromaMoeConfig.normalize_embeddings='yes': must be true or false"),
+        ({"hidden_act": "swish2"},
+         "ChromaMoeConfig.hidden_act='swish2': must be an activation name of transformers.activations.ACT2FN, "
+         "e.g. 'silu'"),
+        ({"rope_scaling": "yarn"}, "ChromaMoeConfig.rope_scaling='yarn': must be None or a dict"),
+        ({"attention_type": "gqa", "head_dim": 7},
+         "ChromaMoeConfig.head_dim=7: must be a positive even integer (None means hidden_size // num_attention_heads)"),
+        ({"attention_type": "gqa", "num_key_value_heads": 3},
+         "ChromaMoeConfig.num_key_value_heads=3: must be > 0 and divide num_attention_heads=4"),
+    ],
+)
+def test_config_errors_name_the_field(overrides, message):
+    with pytest.raises(ValueError) as error:
+        ChromaMoeConfig.from_preset("chroma-moe-tiny", **overrides)
+    assert str(error.value) == message
+
+
+def test_config_field_set_after_construction_is_refused_before_save_and_build(tmp_path):
+    config = ChromaMoeConfig.from_preset("chroma-moe-tiny")
+    config.kv_lora_rank = None
+    message = "ChromaMoeConfig.kv_lora_rank=None: must be a positive integer"
+    with pytest.raises(ValueError) as error:
+        config.save_pretrained(tmp_path)
+    assert str(error.value) == message
+    assert not (tmp_path / "config.json").exists()
+    with pytest.raises(ValueError) as error:
+        ChromaMoeForEmbedding(config)
+    assert str(error.value) == message
