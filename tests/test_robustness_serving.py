@@ -175,3 +175,38 @@ def test_config_field_set_after_construction_is_refused_before_save_and_build(tm
     with pytest.raises(ValueError) as error:
         ChromaMoeForEmbedding(config)
     assert str(error.value) == message
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One jsonl reader: blank lines are skipped by training and evaluation alike.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_blank_lines_are_skipped_by_every_jsonl_reader(tmp_path):
+    import train.data
+    from evaluation import tasks
+    from evaluation.tasks import iter_jsonl, load_beir
+
+    assert train.data.iter_jsonl is tasks.iter_jsonl  # one function
+    folder = tmp_path / "beir"
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text(
+        '{"_id": "d1", "title": "Cable", "text": "hdmi 2m"}\n\n   \n{"_id": "d2", "text": "usb charger"}\n\n',
+        encoding="utf-8",
+    )
+    (folder / "queries.jsonl").write_text('{"_id": "q1", "text": "hdmi cable"}\n \t\n', encoding="utf-8")
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n", encoding="utf-8")
+    beir = load_beir(folder)
+    assert (beir.doc_ids, beir.doc_texts, beir.query_texts) == (["d1", "d2"], ["Cable hdmi 2m", "usb charger"],
+                                                                ["hdmi cable"])  # fmt: skip
+    assert [line for line, _ in iter_jsonl(folder / "corpus.jsonl")] == [1, 4]  # file line numbers
+    texts = [row["text"] for row in train.data.load_text_dataset(str(folder / "corpus.jsonl"))]
+    assert texts == ["hdmi 2m", "usb charger"]
+    (folder / "corpus.jsonl").write_text('{"_id": "d1", "text": "a"}\n\n{"_id": "d2"\n', encoding="utf-8")
+    with pytest.raises(ValueError) as error:
+        load_beir(folder)
+    assert str(error.value).startswith(f"{folder / 'corpus.jsonl'}:3: invalid JSON (")
+    (folder / "corpus.jsonl").write_text('{"_id": "d1", "text": "a"}\n\n{"_id": "", "text": "b"}\n', encoding="utf-8")
+    with pytest.raises(ValueError) as error:
+        load_beir(folder)
+    assert str(error.value) == f"{folder / 'corpus.jsonl'}:3: field '_id' is empty"
