@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 INSTRUCTION_PREFIX = "Instruction: "
 QUERY_MARKER = " Query: "
 DEFAULT_QUERY_INSTRUCTION = "Given a search query, retrieve relevant passages that answer it"
+# The serving length when none is given: the model's positions, capped here (longer texts cost quadratic attention and
+# lie far beyond the lengths our training recipes use; pass a `max_seq_length` to serve longer).
 DEFAULT_MAX_SEQ_LENGTH = 512
 # The files a folder needs at its root to load as remote code through both transformers and sentence-transformers.
 CODE_FILES = ("configuration_chroma_moe.py", "modeling_chroma_moe.py", "sentence_chroma_moe.py")
@@ -64,6 +66,11 @@ def instruction_chars(text: str) -> int:
     stripped = text.lstrip()
     match = _INLINE_INSTRUCTION.match(stripped)
     return len(text) - len(stripped) + match.end() if match else 0
+
+
+def default_max_seq_length(config: Any) -> int:
+    """The serving length used when none is given: `min(max_position_embeddings, DEFAULT_MAX_SEQ_LENGTH)` tokens."""
+    return min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LENGTH)
 
 
 def strip_text(text: str) -> str:
@@ -97,12 +104,12 @@ class ChromaMoeSentenceEncoder(InputModule):
         self,
         model: ChromaMoeForEmbedding,
         tokenizer: PreTrainedTokenizerBase,
-        max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH,
+        max_seq_length: int | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
-        self.max_seq_length = max_seq_length
+        self.max_seq_length = default_max_seq_length(model.config) if max_seq_length is None else max_seq_length
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -259,13 +266,13 @@ def build_sentence_transformer(
     output_dir: str | os.PathLike | None = None,
     *,
     query_instruction: str = DEFAULT_QUERY_INSTRUCTION,
-    max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH,
+    max_seq_length: int | None = None,
 ) -> SentenceTransformer:
     """Wrap a Chroma-MoE embedding model (a model, or a folder with a `ChromaMoeForEmbedding` or phase-1
     `ChromaMoeForMaskedLM` checkpoint: its pooling head is then freshly initialised) as a `SentenceTransformer`.
 
     Prompts: `query` = `Instruction: {query_instruction} Query: `, `document` = "" (documents get no instruction);
-    similarity cosine. With `output_dir`, the folder is written with `save_sentence_transformer`.
+    similarity cosine. `max_seq_length` defaults to `default_max_seq_length(model.config)`. With `output_dir`, the folder is written with `save_sentence_transformer`.
     """
     if isinstance(model_dir_or_model, (str, os.PathLike)):
         model = ChromaMoeForEmbedding.from_pretrained(model_dir_or_model)
@@ -307,10 +314,12 @@ def save_sentence_transformer(st_model: SentenceTransformer, output_dir: str | o
 
 __all__ = [
     "CODE_FILES",
+    "DEFAULT_MAX_SEQ_LENGTH",
     "DEFAULT_QUERY_INSTRUCTION",
     "ChromaMoeSentenceEncoder",
     "build_sentence_transformer",
     "copy_code_files",
+    "default_max_seq_length",
     "instruction_chars",
     "instruction_prompt",
     "save_sentence_transformer",

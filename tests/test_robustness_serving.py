@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 from sentence_transformers import SentenceTransformer
@@ -210,3 +213,73 @@ def test_blank_lines_are_skipped_by_every_jsonl_reader(tmp_path):
     with pytest.raises(ValueError) as error:
         load_beir(folder)
     assert str(error.value) == f"{folder / 'corpus.jsonl'}:3: field '_id' is empty"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Export: the serving length is chosen deliberately, printed and stated in the model card beside the training lengths.
+# --------------------------------------------------------------------------------------------------------------------
+
+LONG_DOCUMENT = " ".join(CORPUS[:8])  # 48 to 512 tokens with the tiny tokenizer
+
+
+@pytest.fixture(scope="module")
+def phase2_run(st_model, tmp_path_factory):
+    """A phase-2 output folder as `train/phase2.py` leaves it: `final/` saved at the training length 48 and a checkpoint
+    whose trainer state holds the run's config."""
+    from sentence_chroma_moe import save_sentence_transformer
+
+    run = tmp_path_factory.mktemp("phase2_run")
+    st_model.max_seq_length = 48
+    try:
+        save_sentence_transformer(st_model, run / "final")
+    finally:
+        st_model.max_seq_length = 512
+    checkpoint = run / "checkpoints" / "checkpoint-00000006"
+    checkpoint.mkdir(parents=True)
+    state = {"step": 6, "config": {"max_query_length": 32, "max_document_length": 48}}
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
+    return run
+
+
+def test_export_serves_at_the_model_length_and_says_so(phase2_run, st_model, tmp_path, capsys):
+    import train.export as export_module
+
+    tokens = len(st_model.tokenizer(LONG_DOCUMENT)["input_ids"])
+    assert 48 < tokens < 512
+    output = tmp_path / "hub"
+    export_module.export(phase2_run / "final", output, datasets=[])
+    assert capsys.readouterr().out == (
+        "export: serving max_seq_length=512 tokens (min(max_position_embeddings=512, 512)); trained at: queries 32 "
+        "tokens, documents 48 tokens (the phase-2 run's config)\n"
+    )
+    card = (output / "README.md").read_text(encoding="utf-8")
+    assert "| Max sequence length | 512 tokens when serving (longer texts are truncated; positions up to 512) |" in card
+    assert "| Training sequence length | queries 32 tokens, documents 48 tokens (the phase-2 run's config) |" in card
+    loaded = SentenceTransformer(str(output), trust_remote_code=True, local_files_only=True)
+    assert loaded.max_seq_length == 512
+    served = loaded.encode_document([LONG_DOCUMENT], convert_to_tensor=True)
+    torch.testing.assert_close(served, st_model.encode_document([LONG_DOCUMENT], convert_to_tensor=True),
+                               atol=1e-6, rtol=0)  # fmt: skip
+    trained = SentenceTransformer(str(phase2_run / "final"), trust_remote_code=True, local_files_only=True)
+    assert (served - trained.encode_document([LONG_DOCUMENT], convert_to_tensor=True)).abs().max() > 1e-3  # not cut
+
+
+def test_export_max_seq_length_option_and_fallback_lengths(phase2_run, tmp_path, capsys):
+    import train.export as export_module
+
+    export_module.main(["--model", str(phase2_run / "final"), "--output", str(tmp_path / "short"),
+                        "--max-seq-length", "100"])  # fmt: skip
+    assert capsys.readouterr().out.startswith("export: serving max_seq_length=100 tokens (--max-seq-length); ")
+    assert json.loads((tmp_path / "short" / "sentence_bert_config.json").read_text()) == {"max_seq_length": 100}
+    with pytest.raises(ValueError) as error:
+        export_module.export(phase2_run / "final", tmp_path / "long", max_seq_length=1024)
+    assert str(error.value) == "max_seq_length=1024 must be in 1..max_position_embeddings=512"
+    assert not (tmp_path / "long").exists()
+    # without the run's checkpoints the trained folder's own length is the training length
+    lone = tmp_path / "lone"
+    shutil.copytree(phase2_run / "final", lone)
+    assert export_module.training_lengths(lone) == {"max_seq_length": 48}
+    assert export_module.describe_training_lengths({"max_seq_length": 48}) == (
+        "48 tokens (the trained folder's max_seq_length)"
+    )
+    assert export_module.describe_training_lengths({}) == "not recorded in the trained folder"
