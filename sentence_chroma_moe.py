@@ -215,6 +215,7 @@ class ChromaMoeSentenceEncoder(InputModule):
         return features
 
     def save(self, output_path: str, *args: Any, safe_serialization: bool = True, **kwargs: Any) -> None:
+        self.max_seq_length = self.max_seq_length  # re-checked: the config's positions may have changed since it was set
         self.model.save_pretrained(output_path)
         self.save_tokenizer(output_path)
         self.save_config(output_path)

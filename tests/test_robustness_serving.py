@@ -110,7 +110,14 @@ def test_max_seq_length_out_of_range_is_refused_when_set(st_model, tmp_path):
         with pytest.raises(ValueError) as error:
             SentenceTransformer(str(folder), trust_remote_code=True, local_files_only=True)
         assert str(error.value) == message
+        # the positions shrunk after max_seq_length was set: refused before the model is written
+        st_model[0].model.config.max_position_embeddings = 256
+        with pytest.raises(ValueError) as error:
+            st_model.save(str(tmp_path / "shrunk"))
+        assert str(error.value) == "max_seq_length=300 must be in 1..max_position_embeddings=256"
+        assert not (tmp_path / "shrunk" / "config.json").exists()
     finally:
+        st_model[0].model.config.max_position_embeddings = 512
         st_model.max_seq_length = 512
 
 
