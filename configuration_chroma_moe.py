@@ -8,9 +8,11 @@ arXiv:2405.04434) in an encoder: attention is bidirectional and the output is po
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
 
 ATTENTION_TYPES = ("mla", "gqa")
 POOLING_TYPES = ("latent_attention", "nv_embed", "mean")
@@ -204,13 +206,12 @@ class ChromaMoeConfig(PreTrainedConfig):
         self.qk_rope_head_dim = qk_rope_head_dim
         self.v_head_dim = v_head_dim
         self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
-        # transformers' RoPE initialisers read `head_dim` as the rotated width: in MLA only the decoupled part rotates.
-        if attention_type == "mla":
-            self.head_dim = qk_rope_head_dim
-        else:
-            self.head_dim = head_dim if head_dim is not None else hidden_size // max(num_attention_heads, 1)
+        self.head_dim = head_dim  # derived below, once the fields it comes from are checked
         self.max_position_embeddings = max_position_embeddings
         self.rope_theta = rope_theta
+        for field, value in (("rope_scaling", rope_scaling), ("rope_parameters", rope_parameters)):
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"ChromaMoeConfig.{field}={value!r}: must be None or a dict")
         if rope_parameters is None:
             rope_parameters = {"rope_type": "default", **(rope_scaling or {})}
             rope_parameters["rope_type"] = rope_parameters.pop("type", rope_parameters["rope_type"])
@@ -239,6 +240,14 @@ class ChromaMoeConfig(PreTrainedConfig):
         self.hidden_dropout = hidden_dropout
         self.initializer_range = initializer_range
         self.tie_word_embeddings = tie_word_embeddings
+        # Ours first: transformers' own validators (run inside `super().__init__`) would name `head_dim` for an odd
+        # `qk_rope_head_dim` and fail with a bare TypeError on a None where a number belongs.
+        self._validate()
+        # transformers' RoPE initialisers read `head_dim` as the rotated width: in MLA only the decoupled part rotates.
+        if attention_type == "mla":
+            self.head_dim = qk_rope_head_dim
+        elif head_dim is None:
+            self.head_dim = hidden_size // num_attention_heads
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -246,63 +255,87 @@ class ChromaMoeConfig(PreTrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
+
+    def validate(self) -> None:
+        """Our checks, then transformers' (`save_pretrained` calls this): a field changed after construction is refused
+        before it is saved, so what saves always loads. Raises `ValueError` naming the field."""
         self._validate()
+        super().validate()
 
     def _validate(self) -> None:
-        """Raise `ValueError` naming the field for values no model can be built from."""
+        """Raise `ValueError` naming the field, its value and the rule, for any value no model can be built from:
+        wrong types (a bool is not a number here; `None` only where the signature allows it) and ranges."""
 
         def fail(field: str, why: str) -> None:
             raise ValueError(f"ChromaMoeConfig.{field}={getattr(self, field)!r}: {why}")
 
-        for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                      "max_position_embeddings", "embedding_dim", "pooling_num_latents", "pooling_num_heads"):
-            if not isinstance(getattr(self, field), int) or getattr(self, field) <= 0:
+        def is_int(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def is_number(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        for field in ("n_routed_experts", "n_shared_experts", "first_k_dense_replace"):
+            if not is_int(getattr(self, field)) or getattr(self, field) < 0:
+                fail(field, "must be an integer >= 0")
+        positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                    "max_position_embeddings", "embedding_dim", "pooling_num_latents", "pooling_num_heads"]
+        if self.attention_type == "mla":
+            positive += ["kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"]
+        if self.n_routed_experts > 0:  # the MoE fields matter only with routed experts (0 makes every layer dense)
+            positive += ["num_experts_per_tok", "moe_intermediate_size", "moe_layer_freq"]
+            if self.n_shared_experts > 0:
+                positive.append("shared_expert_intermediate_size")
+        for field in positive:
+            if not is_int(getattr(self, field)) or getattr(self, field) <= 0:
                 fail(field, "must be a positive integer")
+        for field in ("rope_theta", "rms_norm_eps", "initializer_range"):
+            if not is_number(getattr(self, field)) or getattr(self, field) <= 0:
+                fail(field, "must be a positive number")
+        for field in ("router_aux_loss_coef", "router_bias_update_rate"):
+            if not is_number(getattr(self, field)) or getattr(self, field) < 0:
+                fail(field, "must be a number >= 0")
+        for field in ("attention_dropout", "hidden_dropout"):
+            if not is_number(getattr(self, field)) or not 0.0 <= getattr(self, field) < 1.0:
+                fail(field, "must be a number in [0, 1)")
+        for field in ("norm_topk_prob", "normalize_embeddings", "tie_word_embeddings"):
+            if not isinstance(getattr(self, field), bool):
+                fail(field, "must be true or false")
         if self.attention_type not in ATTENTION_TYPES:
             fail("attention_type", f"must be one of {ATTENTION_TYPES}")
         if self.pooling_type not in POOLING_TYPES:
             fail("pooling_type", f"must be one of {POOLING_TYPES}")
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:
+            fail("hidden_act", "must be an activation name of transformers.activations.ACT2FN, e.g. 'silu'")
         if self.attention_type == "mla":
-            for field in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
-                if getattr(self, field) <= 0:
-                    fail(field, "must be > 0 for MLA")
-            if self.q_lora_rank is not None and self.q_lora_rank <= 0:
-                fail("q_lora_rank", "must be None (full-rank queries) or > 0")
+            if self.q_lora_rank is not None and (not is_int(self.q_lora_rank) or self.q_lora_rank <= 0):
+                fail("q_lora_rank", "must be None (full-rank queries) or a positive integer")
             if self.qk_rope_head_dim % 2:
                 fail("qk_rope_head_dim", "must be even (RoPE rotates pairs of channels)")
         else:
             if self.hidden_size % self.num_attention_heads:
                 fail("num_attention_heads", f"must divide hidden_size={self.hidden_size}")
-            if self.num_key_value_heads <= 0 or self.num_attention_heads % self.num_key_value_heads:
+            if self.head_dim is None and (self.hidden_size // self.num_attention_heads) % 2:
+                fail("num_attention_heads", f"must divide hidden_size={self.hidden_size} into an even head width "
+                     "(RoPE rotates pairs of channels), or set head_dim")  # fmt: skip
+            if not is_int(self.num_key_value_heads) or self.num_key_value_heads <= 0 or (
+                self.num_attention_heads % self.num_key_value_heads
+            ):
                 fail("num_key_value_heads", f"must be > 0 and divide num_attention_heads={self.num_attention_heads}")
-            if self.head_dim <= 0 or self.head_dim % 2:
-                fail("head_dim", "must be a positive even number")
-        if self.n_routed_experts < 0:
-            fail("n_routed_experts", "must be >= 0 (0 makes every layer dense)")
-        if self.n_shared_experts < 0:
-            fail("n_shared_experts", "must be >= 0")
-        if self.n_routed_experts > 0:
-            if not 0 < self.num_experts_per_tok <= self.n_routed_experts:
-                fail("num_experts_per_tok", f"top-k must be in 1..n_routed_experts={self.n_routed_experts}")
-            if self.moe_intermediate_size <= 0:
-                fail("moe_intermediate_size", "must be > 0")
-            if self.n_shared_experts and self.shared_expert_intermediate_size <= 0:
-                fail("shared_expert_intermediate_size", "must be > 0")
-            if self.moe_layer_freq <= 0:
-                fail("moe_layer_freq", "must be > 0")
-        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
+            if self.head_dim is not None and (not is_int(self.head_dim) or self.head_dim <= 0 or self.head_dim % 2):
+                fail("head_dim", "must be a positive even integer (None means hidden_size // num_attention_heads)")
+        if self.n_routed_experts > 0 and self.num_experts_per_tok > self.n_routed_experts:
+            fail("num_experts_per_tok", f"top-k must be in 1..n_routed_experts={self.n_routed_experts}")
+        if self.first_k_dense_replace > self.num_hidden_layers:
             fail("first_k_dense_replace", f"must be in 0..num_hidden_layers={self.num_hidden_layers}")
-        if self.router_aux_loss_coef < 0:
-            fail("router_aux_loss_coef", "must be >= 0")
-        if self.router_bias_update_rate < 0:
-            fail("router_bias_update_rate", "must be >= 0")
         if self.hidden_size % self.pooling_num_heads:
             fail("pooling_num_heads", f"must divide hidden_size={self.hidden_size}")
-        for field in ("attention_dropout", "hidden_dropout"):
-            if not 0.0 <= getattr(self, field) < 1.0:
-                fail(field, "must be in [0, 1)")
-        if self.rope_parameters.get("rope_type", "default") not in ("default", "yarn"):
+        if not isinstance(self.rope_parameters, dict) or self.rope_parameters.get("rope_type") not in ("default", "yarn"):
             fail("rope_parameters", "rope_type must be 'default' or 'yarn'")
+        if self.rope_parameters["rope_type"] == "yarn":
+            factor = self.rope_parameters.get("factor")
+            if not is_number(factor) or factor < 1:
+                fail("rope_parameters", f"the YaRN factor must be a number >= 1, got {factor!r}")
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Whether block `layer_idx` uses the MoE FFN (DeepSeek's `first_k_dense_replace` / `moe_layer_freq` rule)."""

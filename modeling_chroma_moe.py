@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -499,6 +500,10 @@ class ChromaMoePreTrainedModel(PreTrainedModel):
     _supports_flash_attn = False
     _supports_flex_attn = False
     _supports_attention_backend = True
+
+    def __init__(self, config: ChromaMoeConfig, *inputs: Any, **kwargs: Any) -> None:
+        config.validate()  # a field set after the config was built is checked here, naming it, before any layer uses it
+        super().__init__(config, *inputs, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

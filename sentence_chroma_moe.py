@@ -11,6 +11,8 @@ Instructions are attended to but not pooled (NV-Embed §3.3, arXiv:2405.17428; t
 - the prompt sentence-transformers prepends (`encode_query` uses the `query` prompt of
   `config_sentence_transformers.json`),
 - plus, at the start of the text itself, an inline `Instruction: {task} Query: ` prefix (the phase-2 training format).
+Leading and trailing whitespace of the text is not read (`strip_text`, queries and documents alike), so the pooled
+tokens are exactly the tokens of the stripped text tokenised alone, plus `</s>`.
 The token boundary is found from the tokenizer's character offsets, not by tokenizing the prompt alone: the byte-level
 BPE joins the space that ends a prompt to the first word of the text, so a separately tokenized prompt is one token
 longer than its share of the joined text and would hide the text's first word from pooling.
@@ -42,6 +44,8 @@ logger = logging.getLogger(__name__)
 INSTRUCTION_PREFIX = "Instruction: "
 QUERY_MARKER = " Query: "
 DEFAULT_QUERY_INSTRUCTION = "Given a search query, retrieve relevant passages that answer it"
+# The serving length when none is given: the model's positions, capped here (longer texts cost quadratic attention and
+# lie far beyond the lengths our training recipes use; pass a `max_seq_length` to serve longer).
 DEFAULT_MAX_SEQ_LENGTH = 512
 # The files a folder needs at its root to load as remote code through both transformers and sentence-transformers.
 CODE_FILES = ("configuration_chroma_moe.py", "modeling_chroma_moe.py", "sentence_chroma_moe.py")
@@ -64,6 +68,23 @@ def instruction_chars(text: str) -> int:
     return len(text) - len(stripped) + match.end() if match else 0
 
 
+def default_max_seq_length(config: Any) -> int:
+    """The serving length used when none is given: `min(max_position_embeddings, DEFAULT_MAX_SEQ_LENGTH)` tokens."""
+    return min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LENGTH)
+
+
+def strip_text(text: str) -> str:
+    """The text the model reads: `text` without leading and trailing whitespace (`str.strip`, so newlines, tabs and
+    Unicode spaces too).
+
+    One rule for queries and documents, applied by `ChromaMoeSentenceEncoder.preprocess` (inference and phase-2
+    training) and `train.data.format_query`: the tokenizer strips only the start of the whole prompt + text string, so
+    without it whitespace that opens a query is pooled as tokens of its own, and trailing whitespace adds tokens to any
+    text. `"\nhdmi cable"`, `"  hdmi cable  "` and `"hdmi cable"` are therefore the same input.
+    """
+    return text.strip()
+
+
 class ChromaMoeSentenceEncoder(InputModule):
     """sentence-transformers input module holding a tokenizer and a `ChromaMoeForEmbedding`.
 
@@ -83,31 +104,50 @@ class ChromaMoeSentenceEncoder(InputModule):
         self,
         model: ChromaMoeForEmbedding,
         tokenizer: PreTrainedTokenizerBase,
-        max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH,
+        max_seq_length: int | None = None,
     ) -> None:
         super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_seq_length = default_max_seq_length(model.config) if max_seq_length is None else max_seq_length
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Checked on every assignment (the constructor and `SentenceTransformer.tokenizer = ...` alike): a fast
+        tokenizer whose vocabulary fits the model and whose pad id is the model's, else `ValueError`."""
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError(
                 f"tokenizer {type(tokenizer).__name__} is not a fast tokenizer: character offsets are needed to keep "
                 "the instruction out of pooling"
             )
-        if len(tokenizer) > model.config.vocab_size:
+        if len(tokenizer) > self.model.config.vocab_size:
             raise ValueError(
-                f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model.config.vocab_size}"
+                f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {self.model.config.vocab_size}"
             )
-        if tokenizer.pad_token_id != model.config.pad_token_id:
+        if tokenizer.pad_token_id != self.model.config.pad_token_id:
             raise ValueError(
                 f"tokenizer pad_token_id={tokenizer.pad_token_id} differs from the model's pad_token_id="
-                f"{model.config.pad_token_id}"
+                f"{self.model.config.pad_token_id}"
             )
-        if not 0 < max_seq_length <= model.config.max_position_embeddings:
-            raise ValueError(
-                f"max_seq_length={max_seq_length} must be in 1..max_position_embeddings="
-                f"{model.config.max_position_embeddings}"
-            )
-        self.model = model
-        self.tokenizer = tokenizer
-        self.max_seq_length = max_seq_length
+        self._tokenizer = tokenizer
+
+    @property
+    def max_seq_length(self) -> int:
+        return self._max_seq_length
+
+    @max_seq_length.setter
+    def max_seq_length(self, value: int) -> None:
+        """Checked on every assignment (the constructor, `sentence_bert_config.json` on load and
+        `SentenceTransformer.max_seq_length = ...` alike), so a value that is accepted also saves a folder that loads:
+        `ValueError` unless it is an int in 1..`max_position_embeddings`."""
+        limit = self.model.config.max_position_embeddings
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
+            raise ValueError(f"max_seq_length={value!r} must be in 1..max_position_embeddings={limit}")
+        self._max_seq_length = value
 
     def get_embedding_dimension(self) -> int:
         return self.model.config.embedding_dim
@@ -118,21 +158,27 @@ class ChromaMoeSentenceEncoder(InputModule):
         """Tokenize `prompt + text` for every text, padded to the longest in the batch and truncated to
         `max_length` (default `max_seq_length`; sentence-transformers' data collator passes it per task).
 
+        Whitespace rule: the text (what follows the prompt and any inline instruction) is read as `strip_text(text)`,
+        without leading and trailing whitespace, for queries and documents alike, in training and in inference.
+
         `pooling_mask` (B, T) zeroes the leading instruction tokens: `<s>` and every token that ends inside the prompt
         plus inline instruction, so the pooled tokens are the ones the text has when tokenized on its own, plus `</s>`.
         At least the last real token (`</s>`) is always pooled, so a text that truncation reduced to its instruction
         still gets an embedding.
         """
         prompt = prompt or ""
-        texts = []
+        texts, instruction_lengths = [], []
         for text in inputs:
             if not isinstance(text, str):
                 # ValueError, not TypeError: sentence-transformers retries preprocess without the prompt on TypeError.
                 raise ValueError(
                     f"expected texts (str), got a {type(text).__name__}: {text!r:.80} (pairs are not supported)"
                 )
-            texts.append(prompt + text)
-        boundary = torch.tensor([len(prompt) + instruction_chars(text[len(prompt):]) for text in texts])  # (B,)
+            split = instruction_chars(text)
+            instruction = prompt + text[:split].lstrip()
+            texts.append(instruction + strip_text(text[split:]))
+            instruction_lengths.append(len(instruction))
+        boundary = torch.tensor(instruction_lengths)  # (B,) characters of prompt + inline instruction
         encoded = self.tokenizer(
             texts,
             padding=True,
@@ -169,6 +215,7 @@ class ChromaMoeSentenceEncoder(InputModule):
         return features
 
     def save(self, output_path: str, *args: Any, safe_serialization: bool = True, **kwargs: Any) -> None:
+        self.max_seq_length = self.max_seq_length  # re-checked: the config's positions may have changed since it was set
         self.model.save_pretrained(output_path)
         self.save_tokenizer(output_path)
         self.save_config(output_path)
@@ -220,13 +267,13 @@ def build_sentence_transformer(
     output_dir: str | os.PathLike | None = None,
     *,
     query_instruction: str = DEFAULT_QUERY_INSTRUCTION,
-    max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH,
+    max_seq_length: int | None = None,
 ) -> SentenceTransformer:
     """Wrap a Chroma-MoE embedding model (a model, or a folder with a `ChromaMoeForEmbedding` or phase-1
     `ChromaMoeForMaskedLM` checkpoint: its pooling head is then freshly initialised) as a `SentenceTransformer`.
 
     Prompts: `query` = `Instruction: {query_instruction} Query: `, `document` = "" (documents get no instruction);
-    similarity cosine. With `output_dir`, the folder is written with `save_sentence_transformer`.
+    similarity cosine. `max_seq_length` defaults to `default_max_seq_length(model.config)`. With `output_dir`, the folder is written with `save_sentence_transformer`.
     """
     if isinstance(model_dir_or_model, (str, os.PathLike)):
         model = ChromaMoeForEmbedding.from_pretrained(model_dir_or_model)
@@ -268,11 +315,14 @@ def save_sentence_transformer(st_model: SentenceTransformer, output_dir: str | o
 
 __all__ = [
     "CODE_FILES",
+    "DEFAULT_MAX_SEQ_LENGTH",
     "DEFAULT_QUERY_INSTRUCTION",
     "ChromaMoeSentenceEncoder",
     "build_sentence_transformer",
     "copy_code_files",
+    "default_max_seq_length",
     "instruction_chars",
     "instruction_prompt",
     "save_sentence_transformer",
+    "strip_text",
 ]

@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -84,24 +85,38 @@ def _require_file(path: Path, what: str) -> None:
         raise FileNotFoundError(f"{path}: {what} not found")
 
 
-def _read_jsonl(path: Path, required: Sequence[str], optional: Sequence[str] = ()) -> Iterator[tuple[int, dict]]:
-    """Yield ``(line number, record)`` for each line, checking that the named fields are strings."""
-    with path.open(encoding="utf-8") as handle:
+def iter_jsonl(
+    path: str | Path, required: Sequence[str] = (), optional: Sequence[str] = ()
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(1-based line number, object)`` for each line of a jsonl file: the one reader of every jsonl file the
+    project reads (training sources, pair files, BEIR corpora and queries, mined negatives).
+
+    Blank and whitespace-only lines are skipped (a trailing empty line is common and carries no row); line numbers
+    still count them. ``FileNotFoundError`` for a missing file; ``ValueError`` naming file and line for invalid JSON,
+    a line that is not an object, a missing ``required`` field, a ``required``/``optional`` field that is not a
+    string, or an empty ``_id`` when ``_id`` is required.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"jsonl file not found: {file}")
+    with file.open(encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({error.msg})") from None
+                raise ValueError(f"{file}:{line_no}: invalid JSON ({error.msg})") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+                raise ValueError(f"{file}:{line_no}: expected a JSON object, got {type(record).__name__}")
             for field in required:
                 if field not in record:
-                    raise ValueError(f"{path}:{line_no}: missing field {field!r}")
+                    raise ValueError(f"{file}:{line_no}: missing field {field!r}")
             for field in (*required, *optional):
                 if field in record and not isinstance(record[field], str):
-                    raise ValueError(f"{path}:{line_no}: field {field!r} must be a string, got {record[field]!r}")
+                    raise ValueError(f"{file}:{line_no}: field {field!r} must be a string, got {record[field]!r}")
             if "_id" in required and not record["_id"]:
-                raise ValueError(f"{path}:{line_no}: field '_id' is empty")
+                raise ValueError(f"{file}:{line_no}: field '_id' is empty")
             yield line_no, record
 
 
@@ -112,7 +127,7 @@ def _read_texts_by_id(path: Path, with_title: bool) -> dict[str, str]:
     (``mteb/_create_dataloaders.py``), so our numbers and mteb's see the same input.
     """
     texts: dict[str, str] = {}
-    for line_no, record in _read_jsonl(path, ("_id", "text"), ("title",) if with_title else ()):
+    for line_no, record in iter_jsonl(path, ("_id", "text"), ("title",) if with_title else ()):
         if record["_id"] in texts:
             raise ValueError(f"{path}:{line_no}: duplicate _id {record['_id']!r}")
         title = record.get("title", "") if with_title else ""

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import datasets
 from datasets import interleave_datasets
 
-from evaluation.tasks import RetrievalSet, load_beir
+from evaluation.tasks import RetrievalSet, iter_jsonl, load_beir  # iter_jsonl: the one jsonl reader, shared with evaluation
 
 logger = logging.getLogger(__name__)
 
@@ -53,24 +53,6 @@ def shared_data_dir() -> Path:
 # --------------------------------------------------------------------------------------------------------------------
 # Small shared helpers.
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (1-based line number, object) for each non-blank line; bad JSON raises naming file and line."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"jsonl file not found: {file}")
-    with file.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{file}:{line_no}: invalid JSON ({err.msg})") from err
-            if not isinstance(obj, dict):
-                raise ValueError(f"{file}:{line_no}: expected a JSON object, got {type(obj).__name__}")
-            yield line_no, obj
 
 
 def write_jsonl(rows: Iterable[Mapping[str, Any]], path: str | Path) -> int:
@@ -471,7 +453,9 @@ INSTRUCTIONS: dict[str, str] = {
 def format_query(text: str, task: str) -> tuple[str, int]:
     """The instructed query ``Instruction: {description} Query: {text}`` and the length of its instruction part.
 
-    Documents carry no instruction. The returned length ``n`` ends the instruction *before* the space that precedes
+    ``text`` enters without leading and trailing whitespace, the rule ``sentence_chroma_moe.strip_text`` states for
+    every text the model reads (``"\nhdmi cable"`` gives the same query as ``"hdmi cable"``). Documents carry no
+    instruction. The returned length ``n`` ends the instruction *before* the space that precedes
     ``text``: characters ``[0, n)`` are instruction, and a token belongs to the query iff its start offset is ``>= n``.
     That boundary holds whether the tokenizer's offsets include the leading space of the first query token (byte-level
     BPE without ``trim_offsets``) or not. The model attends to the instruction but leaves it out of pooling
@@ -480,7 +464,7 @@ def format_query(text: str, task: str) -> tuple[str, int]:
     if task not in INSTRUCTIONS:
         raise ValueError(f"unknown task {task!r}; known tasks: {sorted(INSTRUCTIONS)}")
     prefix = f"Instruction: {INSTRUCTIONS[task]} Query:"
-    return f"{prefix} {text}", len(prefix)
+    return f"{prefix} {text.strip()}", len(prefix)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Export a trained Chroma-MoE model as a complete Hugging Face Hub folder, and optionally upload it.
 
-    python -m train.export --model DIR --output HUB_DIR [--results results.json] [--push-to-hub ORG/NAME]
+    python -m train.export --model DIR --output HUB_DIR [--results results.json] [--max-seq-length N]
+        [--push-to-hub ORG/NAME]
 
 `DIR` is a sentence-transformers folder (phase 2's final folder, with `modules.json`) or a transformers folder of a
 `ChromaMoeForEmbedding` / `ChromaMoeForMaskedLM` with its tokenizer (wrapped with the default prompts). The Hub folder
@@ -9,6 +10,11 @@ the sentence-transformers files (`modules.json`, `config_sentence_transformers.j
 model card (`README.md`) whose YAML metadata the Hub reads (library, pipeline tag, tags, license, datasets) with the
 model's size (parameters total / active per token) and, given `--results` from `python -m evaluation.run`, its
 evaluation table. The code files are this repository's current ones, so an export ships the code it was tested with.
+
+Serving length: the folder's `max_seq_length` is `--max-seq-length` when given, else `min(max_position_embeddings,
+512)` (`sentence_chroma_moe.default_max_seq_length`), never the training length the trained folder was saved with (48
+tokens in the quickstart: documents would be cut there silently). The export prints the serving length it chose and
+the training lengths, and the model card states both.
 `--push-to-hub` uploads exactly the files listed after the export (`HfApi.upload_folder` with `allow_patterns`).
 """
 
@@ -26,7 +32,14 @@ from sentence_transformers import SentenceTransformer
 from configuration_chroma_moe import ChromaMoeConfig
 from evaluation.run import markdown_table
 from modeling_chroma_moe import count_parameters
-from sentence_chroma_moe import CODE_FILES, build_sentence_transformer, save_sentence_transformer
+from sentence_chroma_moe import (
+    CODE_FILES,
+    DEFAULT_MAX_SEQ_LENGTH,
+    build_sentence_transformer,
+    default_max_seq_length,
+    save_sentence_transformer,
+)
+from train.common import latest_checkpoint, read_trainer_state
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +82,34 @@ def load_for_export(model_dir: str | Path) -> SentenceTransformer:
     return build_sentence_transformer(model_dir, model_dir)
 
 
+def training_lengths(model_dir: str | Path) -> dict[str, int]:
+    """The token lengths the model was trained at, as far as the trained folder records them: `max_query_length` and
+    `max_document_length` of the phase-2 run whose `final/` folder this is (its latest checkpoint's
+    `trainer_state.json`, in `../checkpoints`), else the folder's own `max_seq_length` (phase 2 saves
+    `max(max_query_length, max_document_length)` there), else nothing (a transformers checkpoint)."""
+    model_dir = Path(model_dir)
+    checkpoint = latest_checkpoint(model_dir.parent / "checkpoints")
+    if checkpoint is not None:
+        run = read_trainer_state(checkpoint).get("config", {})
+        lengths = {key: run[key] for key in ("max_query_length", "max_document_length") if isinstance(run.get(key), int)}
+        if lengths:
+            return lengths
+    st_config = model_dir / "sentence_bert_config.json"
+    if st_config.is_file():
+        return {"max_seq_length": int(json.loads(st_config.read_text(encoding="utf-8"))["max_seq_length"])}
+    return {}
+
+
+def describe_training_lengths(lengths: dict[str, int]) -> str:
+    """`lengths` of `training_lengths` in words, for the log and the model card."""
+    if not lengths:
+        return "not recorded in the trained folder"
+    if "max_seq_length" in lengths:
+        return f"{lengths['max_seq_length']} tokens (the trained folder's max_seq_length)"
+    names = {"max_query_length": "queries", "max_document_length": "documents"}
+    return ", ".join(f"{names[key]} {value} tokens" for key, value in lengths.items()) + " (the phase-2 run's config)"
+
+
 def model_card(
     st_model: SentenceTransformer,
     *,
@@ -76,8 +117,10 @@ def model_card(
     datasets: list[str],
     results: dict[str, Any] | None = None,
     base_model: str | None = None,
+    trained_lengths: dict[str, int] | None = None,
 ) -> str:
-    """The README.md: Hub metadata (YAML front matter written by `huggingface_hub.ModelCardData`) and the body."""
+    """The README.md: Hub metadata (YAML front matter written by `huggingface_hub.ModelCardData`) and the body.
+    `trained_lengths` (from `training_lengths`) is stated beside the serving length `st_model.max_seq_length`."""
     config: ChromaMoeConfig = st_model[0].model.config
     params = count_parameters(config)
     metadata = ModelCardData(
@@ -102,7 +145,9 @@ def model_card(
         ("Experts per MoE layer", (f"{config.n_routed_experts} routed (top-{config.num_experts_per_tok}, width "
                                    f"{config.moe_intermediate_size}) + {config.n_shared_experts} shared")),
         ("Embedding dimension", str(config.embedding_dim)),
-        ("Max sequence length", f"{st_model.max_seq_length} tokens (positions up to {config.max_position_embeddings})"),
+        ("Max sequence length", (f"{st_model.max_seq_length} tokens when serving (longer texts are truncated; "
+                                 f"positions up to {config.max_position_embeddings})")),
+        ("Training sequence length", describe_training_lengths(trained_lengths or {})),
         ("Similarity", st_model.similarity_fn_name),
         ("Query prompt", f"`{prompts.get('query', '')}`"),
         ("Document prompt", f"`{prompts.get('document', '')}`" if prompts.get("document") else "none"),
@@ -194,14 +239,29 @@ def export(
     datasets: list[str] | None = None,
     model_id: str | None = None,
     base_model: str | None = None,
+    max_seq_length: int | None = None,
 ) -> list[str]:
     """Write the Hub folder and return the files in it (relative paths, sorted). `output_dir` must be new or empty,
-    so nothing stale is uploaded with it."""
+    so nothing stale is uploaded with it.
+
+    The folder serves at `max_seq_length` tokens (default `min(max_position_embeddings, 512)`; `ValueError` outside
+    1..max_position_embeddings); the choice and the training lengths are printed and stated in the model card.
+    """
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
         raise FileExistsError(f"{output_dir} is not empty: export into a new folder")
     results = read_results(results_path) if results_path else None
     st_model = load_for_export(model_dir)
+    config = st_model[0].model.config
+    if max_seq_length is None:
+        max_seq_length = default_max_seq_length(config)
+        how = f"min(max_position_embeddings={config.max_position_embeddings}, {DEFAULT_MAX_SEQ_LENGTH})"
+    else:
+        how = "--max-seq-length"
+    st_model.max_seq_length = max_seq_length
+    trained = training_lengths(model_dir)
+    print(f"export: serving max_seq_length={max_seq_length} tokens ({how}); trained at: "
+          f"{describe_training_lengths(trained)}")  # fmt: skip
     save_sentence_transformer(st_model, output_dir)
     card = model_card(
         st_model,
@@ -209,6 +269,7 @@ def export(
         datasets=list(DEFAULT_DATASETS if datasets is None else datasets),
         results=results,
         base_model=base_model,
+        trained_lengths=trained,
     )
     (output_dir / "README.md").write_text(card, encoding="utf-8")
     files = folder_files(output_dir)
@@ -244,6 +305,10 @@ def main(argv: list[str] | None = None) -> None:
         "--datasets", nargs="+", help=f"Hub ids of the training data (default: {' '.join(DEFAULT_DATASETS)})"
     )
     parser.add_argument("--base-model", help="Hub id of the checkpoint this model was trained from, for the metadata")
+    parser.add_argument(
+        "--max-seq-length", type=int,
+        help=f"serving length in tokens (default: min(max_position_embeddings, {DEFAULT_MAX_SEQ_LENGTH}))",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     files = export(
@@ -253,6 +318,7 @@ def main(argv: list[str] | None = None) -> None:
         datasets=args.datasets,
         model_id=args.push_to_hub,
         base_model=args.base_model,
+        max_seq_length=args.max_seq_length,
     )
     logger.info("wrote %d files to %s: %s", len(files), args.output, ", ".join(files))
     if args.push_to_hub:
