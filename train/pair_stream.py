@@ -120,6 +120,7 @@ class ChromaMoePairStore:
             if data_file.is_file() and {key: stored.get(key) for key in expected} == expected:
                 logger.info("%s: reusing %s (%d pairs)", source.name, data_file, stored["pairs"])
             else:
+                manifest_file.unlink(missing_ok=True)  # a crash while writing must not leave an old manifest beside new rows
                 count = _write_pairs(source.rows(), data_file)
                 partial = manifest_file.with_name(manifest_file.name + ".tmp")
                 partial.write_text(json.dumps({**expected, "pairs": count}), encoding="utf-8")
@@ -156,7 +157,9 @@ class ChromaMoePairSampler:
         seed: The run's seed.
         batch_sampling: `mixed` (one permutation of all pairs per epoch) or `per_source` (each global batch from one
             source drawn ∝ size^`source_alpha`); see the module docstring.
-        source_alpha: The exponent α of `per_source` (unused by `mixed`).
+        source_alpha: The exponent α of `per_source` (unused by `mixed`). The default 0.5 gives a source 100× smaller
+            10× fewer batches: not 100× (α = 1, its task barely trained) nor as many (α = 0, its pairs repeated 100×
+            as often).
 
     Raises:
         ConfigError: an unknown `batch_sampling`, a negative `source_alpha`, or a global batch larger than all pairs
