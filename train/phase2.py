@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as a script (accelerate launch train/phase2
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -37,8 +38,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import datasets
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
@@ -72,6 +71,14 @@ from train.common import (
 )
 from train.contrastive import ContrastiveBatch, InfoNCELoss, grad_cache_step
 from train.data import INSTRUCTIONS, build_pair_dataset_from_beir, format_query, load_pair_dataset, split_query_ids
+from train.pair_stream import (
+    BATCH_SAMPLING,
+    PAIRS_DIR,
+    ChromaMoePairSampler,
+    ChromaMoePairSource,
+    ChromaMoePairStore,
+    path_fingerprint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +88,7 @@ MODEL_CONFIG_KEYS = frozenset(inspect.signature(ChromaMoeConfig.__init__).parame
 # Keys whose change would make a resumed run a different run (data, model, batch, loss): resuming with them changed is refused.
 RESUME_FIXED_KEYS = ("train_sources", "init_from", "model", "seed", "max_query_length", "max_document_length",
                      "max_negatives_per_query", "split_fraction", "split_seed", "global_batch_size", "symmetric_loss",
-                     "matryoshka_dims")  # fmt: skip
+                     "matryoshka_dims", "batch_sampling", "source_alpha")  # fmt: skip
 
 
 @dataclass
@@ -112,6 +119,10 @@ class Phase2Config:
         symmetric_loss: Add the document→query InfoNCE term.
         matryoshka_dims: Embedding prefixes the loss is summed over (null = the full embedding only).
         global_batch_size: Pairs per optimizer step over all processes (the seed: 16,384).
+        batch_sampling: `mixed` (each global batch drawn from all sources' pairs together) or `per_source` (each global
+            batch from one source, source k drawn with probability ∝ n_k^`source_alpha` for its n_k pairs; every source
+            needs at least `global_batch_size` pairs); see `train.pair_stream`.
+        source_alpha: The exponent α of `per_source` sampling (1: proportional to size, 0: uniform over sources).
         chunk_size: Texts per forward pass inside GradCache (bounds activation memory, not the batch).
         max_steps, warmup_steps, learning_rate, min_learning_rate: Warmup + cosine schedule over the run.
         weight_decay, adam_beta1, adam_beta2, adam_epsilon, max_grad_norm: AdamW and gradient clipping (0 = none).
@@ -145,6 +156,8 @@ class Phase2Config:
     symmetric_loss: bool = True
     matryoshka_dims: list | None = None
     global_batch_size: int = 32
+    batch_sampling: str = "mixed"
+    source_alpha: float = 0.5
     chunk_size: int = 32
     max_steps: int = 100
     warmup_steps: int = 10
@@ -184,6 +197,10 @@ class Phase2Config:
                                 f"{self.temperature_max}] with temperature_min > 0")  # fmt: skip
         if not 0 < self.split_fraction < 1:
             fail("split_fraction", "must be strictly between 0 and 1")
+        if self.batch_sampling not in BATCH_SAMPLING:
+            fail("batch_sampling", f"expected one of {list(BATCH_SAMPLING)}")
+        if not self.source_alpha >= 0:
+            fail("source_alpha", "must be >= 0")
         for key in ("dev_task", "st_query_task"):
             if getattr(self, key) not in INSTRUCTIONS:
                 fail(key, f"expected one of {sorted(INSTRUCTIONS)}")
@@ -232,25 +249,30 @@ def _check_source(index: int, source: Any) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def load_training_pairs(config: Phase2Config) -> datasets.Dataset:
-    """All `train_sources` as one in-memory `Dataset` (query, positive, negatives, task), each source cut to its
-    `max_pairs` by a seeded shuffle."""
-    parts = []
-    for index, source in enumerate(config.train_sources):
-        if "path" in source:
-            pairs = load_pair_dataset(expand_path(source["path"]), task=source["task"])
+def load_training_pairs(config: Phase2Config, directory: Path) -> ChromaMoePairStore:
+    """Every `train_sources` entry as a memory-mapped Arrow file under `directory` (streamed there once, reused while
+    the entry and its files are unchanged; `ChromaMoePairStore.open`), each cut to its `max_pairs` by a seeded
+    shuffle."""
+
+    def source(index: int, entry: Mapping[str, Any]) -> ChromaMoePairSource:
+        if "path" in entry:
+            location = expand_path(entry["path"])
+            rows = functools.partial(load_pair_dataset, location, task=entry["task"], streaming=True)
+            fingerprint = {"entry": dict(entry), "files": path_fingerprint(location)}
         else:
-            pairs = build_pair_dataset_from_beir(
-                expand_path(source["beir"]), "train", task=source["task"],
+            location = expand_path(entry["beir"])
+            rows = functools.partial(
+                build_pair_dataset_from_beir, location, "train", task=entry["task"],
                 train_fraction=config.split_fraction, seed=config.split_seed,
             )  # fmt: skip
-        if len(pairs) == 0:
-            raise ConfigError(f"config key train_sources[{index}] ({dict(source)}) gave no pairs")
-        if source.get("max_pairs") is not None and source["max_pairs"] < len(pairs):
-            pairs = pairs.shuffle(seed=config.seed + index).select(range(source["max_pairs"]))
-        logger.info("train source %d (%s): %d pairs", index, source.get("path") or source.get("beir"), len(pairs))
-        parts.append(pairs)
-    return datasets.concatenate_datasets(parts)
+            fingerprint = {"entry": dict(entry), "split": [config.split_fraction, config.split_seed],
+                           "files": path_fingerprint(location)}  # fmt: skip
+        return ChromaMoePairSource(f"train_sources[{index}] ({location})", rows, fingerprint, entry.get("max_pairs"))
+
+    store = ChromaMoePairStore.open(directory, [source(i, entry) for i, entry in enumerate(config.train_sources)], config.seed)
+    for name, size in zip(store.names, store.sizes):
+        logger.info("%s: %d pairs", name, size)
+    return store
 
 
 def check_instruction_fits(tokenizer: PreTrainedTokenizerFast, tasks: set[str], max_query_length: int) -> None:
@@ -263,20 +285,6 @@ def check_instruction_fits(tokenizer: PreTrainedTokenizerFast, tasks: set[str], 
                 f"config key 'max_query_length'={max_query_length}: the {task!r} instruction alone takes {prefix_tokens} "
                 "tokens with this tokenizer; raise it so queries are not truncated away"
             )
-
-
-def batch_indices(num_pairs: int, global_batch_size: int, step: int, seed: int) -> list[int]:
-    """The pair indices of optimizer step `step` (0-based) over all processes.
-
-    Each epoch is a fresh seeded permutation cut into whole global batches (a last partial batch is dropped), so the
-    batch of a step depends only on (seed, step): resuming at step s needs no saved iterator, only s.
-    """
-    steps_per_epoch = num_pairs // global_batch_size
-    if steps_per_epoch == 0:
-        raise ConfigError(f"config key 'global_batch_size'={global_batch_size} exceeds the {num_pairs} training pairs")
-    epoch, position = divmod(step, steps_per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(num_pairs)
-    return order[position * global_batch_size : (position + 1) * global_batch_size].tolist()
 
 
 def text_id(text: str) -> int:
@@ -496,9 +504,12 @@ def train(config: Phase2Config) -> dict[str, float]:
     encoder = ChromaMoeSentenceEncoder(model, tokenizer, max_seq_length=max(config.max_query_length, config.max_document_length))
     collator = PairCollator(encoder, config.max_query_length, config.max_document_length, config.max_negatives_per_query)
     with accelerator.main_process_first():
-        pairs = load_training_pairs(config)
+        pairs = load_training_pairs(config, output_dir / PAIRS_DIR)
         dev = load_dev_set(config) if config.dev_beir else None
-    check_instruction_fits(tokenizer, set(pairs["task"]) | ({config.dev_task} if dev else set()), config.max_query_length)
+    sampler = ChromaMoePairSampler(pairs.sizes, pairs.names, config.global_batch_size, config.seed,
+                                   config.batch_sampling, config.source_alpha)  # fmt: skip
+    tasks = {entry["task"] for entry in config.train_sources} | ({config.dev_task} if dev else set())
+    check_instruction_fits(tokenizer, tasks, config.max_query_length)
 
     loss_fn = InfoNCELoss(
         config.temperature, (config.temperature_min, config.temperature_max), config.symmetric_loss, config.matryoshka_dims
@@ -534,8 +545,8 @@ def train(config: Phase2Config) -> dict[str, float]:
     progress = tqdm(total=config.max_steps, initial=step, desc="phase 2", unit="step", disable=not accelerator.is_main_process)
     while step < config.max_steps:
         started = time.perf_counter()
-        indices = batch_indices(len(pairs), config.global_batch_size, step, config.seed)
-        batch = collator(list(pairs.select(indices[rank * local_batch : (rank + 1) * local_batch]))).to(accelerator.device)
+        sources, rows = sampler.process_batch(step, rank, world)
+        batch = collator(pairs.rows(sources, rows)).to(accelerator.device)
         output = grad_cache_step(
             model, loss_fn, batch, config.chunk_size, backward=accelerator.backward, no_sync=lambda: accelerator.no_sync(model)
         )
