@@ -61,12 +61,11 @@ from train.common import (
     expand_path,
     expert_load_stats,
     flatten_for_tracker,
-    latest_checkpoint,
-    load_checkpoint,
     load_config,
+    load_checkpoint,
     make_accelerator,
     raise_if_not_finite,
-    read_trainer_state,
+    resolve_resume,
     save_checkpoint,
     save_routing_heatmap,
 )
@@ -82,6 +81,8 @@ MODEL_CONFIG_KEYS = frozenset(inspect.signature(ChromaMoeConfig.__init__).parame
 RESUME_FIXED_KEYS = ("train_sources", "init_from", "model", "seed", "max_query_length", "max_document_length",
                      "max_negatives_per_query", "split_fraction", "split_seed", "global_batch_size", "symmetric_loss",
                      "matryoshka_dims")  # fmt: skip
+# Keys that shape the lr schedule: a resume with them changed continues on the schedule they give now (with a warning).
+SCHEDULE_KEYS = ("max_steps", "warmup_steps", "learning_rate", "min_learning_rate")
 
 
 @dataclass
@@ -113,7 +114,8 @@ class Phase2Config:
         matryoshka_dims: Embedding prefixes the loss is summed over (null = the full embedding only).
         global_batch_size: Pairs per optimizer step over all processes (the seed: 16,384).
         chunk_size: Texts per forward pass inside GradCache (bounds activation memory, not the batch).
-        max_steps, warmup_steps, learning_rate, min_learning_rate: Warmup + cosine schedule over the run.
+        max_steps, warmup_steps, learning_rate, min_learning_rate: Warmup + cosine schedule over the run. A resumed
+            run takes them from its current config, continuing at its step.
         weight_decay, adam_beta1, adam_beta2, adam_epsilon, max_grad_norm: AdamW and gradient clipping (0 = none).
         mixed_precision: `auto` (bf16 on a GPU that supports it, else fp32), `no` or `bf16`.
         log_every, checkpoint_every: Steps between logs and between checkpoints (0 = no checkpoints).
@@ -418,28 +420,6 @@ def save_final(model: ChromaMoeForEmbedding, tokenizer: PreTrainedTokenizerFast,
     save_sentence_transformer(st_model, target)
 
 
-def resume_checkpoint(config: Phase2Config, checkpoints_dir: Path) -> Path | None:
-    """The checkpoint to resume from (see `Phase2Config.resume`), after checking that the run it belongs to had the
-    same `RESUME_FIXED_KEYS`."""
-    existing = latest_checkpoint(checkpoints_dir)
-    if config.resume is None:
-        if existing is not None:
-            raise ConfigError(
-                f"config key 'resume'=None but {existing} exists: pass --resume (resume=auto) to continue that run, "
-                "or choose another output_dir"
-            )
-        return None
-    checkpoint = existing if config.resume == "auto" else Path(config.resume)
-    if checkpoint is None or not checkpoint.is_dir():
-        raise FileNotFoundError(f"config key 'resume'={config.resume!r}: no checkpoint found (looked in {checkpoints_dir})")
-    saved, current = read_trainer_state(checkpoint)["config"], dataclasses.asdict(config)
-    changed = [key for key in RESUME_FIXED_KEYS if saved.get(key) != current[key]]
-    if changed:
-        details = "; ".join(f"{key}: {saved.get(key)!r} -> {current[key]!r}" for key in changed)
-        raise ConfigError(f"cannot resume {checkpoint}: config key(s) {changed} changed since it was written ({details})")
-    return checkpoint
-
-
 def _truncate_log(path: Path, step: int) -> None:
     """Keep the log lines of steps <= `step`: a resumed run rewrites whatever came after its checkpoint."""
     if path.is_file():
@@ -476,8 +456,10 @@ def train(config: Phase2Config) -> dict[str, float]:
     set)."""
     output_dir = Path(expand_path(config.output_dir))
     checkpoints_dir = output_dir / "checkpoints"
-    checkpoint = resume_checkpoint(config, checkpoints_dir)
     accelerator = make_accelerator(output_dir, config.mixed_precision)
+    checkpoint = resolve_resume(
+        config.resume, checkpoints_dir, dataclasses.asdict(config), RESUME_FIXED_KEYS, SCHEDULE_KEYS
+    )
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # Accelerate turns every `backward` under DeepSpeed into an engine step at an accumulation boundary, while
         # GradCache back-propagates each chunk separately into one optimizer step, and ZeRO would not shard the
@@ -507,7 +489,9 @@ def train(config: Phase2Config) -> dict[str, float]:
         torch.nn.ModuleList([model, loss_fn]), config.learning_rate, config.weight_decay,
         (config.adam_beta1, config.adam_beta2), config.adam_epsilon,
     )  # fmt: skip
-    scheduler = build_scheduler(optimizer, config.learning_rate, config.min_learning_rate, config.warmup_steps, config.max_steps)
+    scheduler = build_scheduler(
+        optimizer, config.min_learning_rate / config.learning_rate, config.warmup_steps, config.max_steps
+    )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     accelerator.register_for_checkpointing(loss_fn)
     unwrapped: ChromaMoeForEmbedding = accelerator.unwrap_model(model)
@@ -542,6 +526,7 @@ def train(config: Phase2Config) -> dict[str, float]:
         grad_norm = accelerator.clip_grad_norm_(parameters, config.max_grad_norm or math.inf)
         loss = accelerator.reduce(output.loss.to(accelerator.device), reduction="mean")
         raise_if_not_finite({"loss": float(loss), "grad_norm": float(grad_norm)}, step + 1, checkpoint)
+        lrs = scheduler.get_last_lr()  # this step's
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -559,7 +544,7 @@ def train(config: Phase2Config) -> dict[str, float]:
                 "train/loss": float(loss),
                 "train/aux_loss": float(accelerator.reduce(output.aux_loss.to(accelerator.device), reduction="mean")),
                 "train/temperature": loss_fn.temperature,
-                "train/lr": scheduler.get_last_lr()[0],
+                "train/lr": lrs[0],
                 "train/grad_norm": float(grad_norm),
                 "train/texts_per_s": output.texts * world / (time.perf_counter() - started),
                 **expert_load_stats(log_counts, moe_layers),
