@@ -1,6 +1,7 @@
 """Resume rules shared by both phases (issue 13 failure 4 and its "Also", issue 15): a resumed run follows the lr
 schedule of its *current* config at its step (warning which schedule keys changed), and `resume=auto`
-without a checkpoint starts fresh in phase 2 as in phase 1."""
+without a checkpoint starts fresh in phase 2 as in phase 1. Also the learnable temperature's own optimizer group
+(issue 14)."""
 
 from __future__ import annotations
 
@@ -74,18 +75,19 @@ def test_phase1_resume_refuses_a_max_steps_that_moves_upcycling_back(tokenizer_d
 
 
 def test_phase2_resume_auto_starts_fresh_and_a_resume_rebuilds_both_schedules(workspace, tmp_path, caplog):
-    """`resume=auto` with no checkpoint trains from step 1 (issue 15); 2 steps resumed to 4 give steps 3-4 the lrs of the
-    fresh 4-step run, with a warning naming max_steps."""
+    """`resume=auto` with no checkpoint trains from step 1 (issue 15); 2 steps resumed to 4 give steps 3-4 the model and
+    temperature lrs of the fresh 4-step run, with a warning naming max_steps."""
     import train.phase2 as phase2
 
     fresh = tmp_path / "fresh"
     phase2.train(tiny_config(workspace, fresh, "resume=auto"))
     expected = read_log(fresh)
     assert [r["step"] for r in expected] == [1, 2, 3, 4]
-    config = tiny_config(workspace, fresh)  # learning_rate 1e-3 -> 1e-4, warmup 1
+    config = tiny_config(workspace, fresh)  # learning_rate 1e-3 -> 1e-4, warmup 1, temperature_learning_rate 1e-2
     for record in expected:
         ratio = warmup_cosine_lr(record["step"] - 1, 1.0, config.min_learning_rate / config.learning_rate, 1, 4)
         assert record["train/lr"] == pytest.approx(config.learning_rate * ratio, rel=1e-12)
+        assert record["train/temperature_lr"] == pytest.approx(config.temperature_learning_rate * ratio, rel=1e-12)
 
     short = tmp_path / "short"
     phase2.train(tiny_config(workspace, short, "max_steps=2"))
@@ -93,6 +95,32 @@ def test_phase2_resume_auto_starts_fresh_and_a_resume_rebuilds_both_schedules(wo
         phase2.train(tiny_config(workspace, short, "resume=auto"))
     resumed = read_log(short)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
-    assert [r["train/lr"] for r in resumed[2:]] == [r["train/lr"] for r in expected[2:]]
+    for key in ("train/lr", "train/temperature_lr"):
+        assert [r[key] for r in resumed[2:]] == [r[key] for r in expected[2:]], key
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "train.common"]
     assert len(warnings) == 1 and "['max_steps']" in warnings[0] and "max_steps: 2 -> 4" in warnings[0]
+
+
+def test_temperature_has_its_own_group_and_moves(workspace, tmp_path, monkeypatch):
+    """The temperature's AdamW group holds log τ alone, at `temperature_learning_rate`, without weight decay; on the
+    same 4 steps it moves several times further than at the model's lr (which left it at 0.050)."""
+    import train.phase2 as phase2
+
+    optimizers = []
+    real_build = phase2.build_optimizer
+
+    def spy(*args, **kwargs):
+        optimizers.append(real_build(*args, **kwargs))
+        return optimizers[-1]
+
+    monkeypatch.setattr(phase2, "build_optimizer", spy)
+    moved = {}
+    for name, extra in (("own", ()), ("shared", ("temperature_learning_rate=1e-3",))):
+        phase2.train(tiny_config(workspace, tmp_path / name, *extra))
+        moved[name] = abs(read_log(tmp_path / name)[-1]["train/temperature"] - 0.05)
+    group = optimizers[0].param_groups[-1]
+    assert len(group["params"]) == 1 and group["params"][0].ndim == 0
+    assert group["initial_lr"] == 1e-2 and group["weight_decay"] == 0.0
+    assert [g["initial_lr"] for g in optimizers[0].param_groups[:-1]] == [1e-3, 1e-3]
+    assert all(p.ndim > 0 for g in optimizers[0].param_groups[:-1] for p in g["params"])  # log τ is in no other group
+    assert moved["own"] > 5 * moved["shared"] > 0, moved

@@ -243,10 +243,16 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
 
 
 def build_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    extra_groups: Sequence[dict[str, Any]] = (),
 ) -> torch.optim.AdamW:
-    """AdamW (Loshchilov & Hutter 2019) over ``parameter_groups``."""
-    return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
+    """AdamW (Loshchilov & Hutter 2019) over ``parameter_groups`` of ``model`` at ``lr``, then ``extra_groups``
+    (parameters outside the model with their own ``lr`` / ``weight_decay``, e.g. the InfoNCE temperature)."""
+    return torch.optim.AdamW([*parameter_groups(model, weight_decay), *extra_groups], lr=lr, betas=betas, eps=eps)
 
 
 class WarmupCosine:

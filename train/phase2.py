@@ -82,7 +82,7 @@ RESUME_FIXED_KEYS = ("train_sources", "init_from", "model", "seed", "max_query_l
                      "max_negatives_per_query", "split_fraction", "split_seed", "global_batch_size", "symmetric_loss",
                      "matryoshka_dims")  # fmt: skip
 # Keys that shape the lr schedule: a resume with them changed continues on the schedule they give now (with a warning).
-SCHEDULE_KEYS = ("max_steps", "warmup_steps", "learning_rate", "min_learning_rate")
+SCHEDULE_KEYS = ("max_steps", "warmup_steps", "learning_rate", "min_learning_rate", "temperature_learning_rate")
 
 
 @dataclass
@@ -110,12 +110,15 @@ class Phase2Config:
             the kept queries and fills up with seeded random distractors).
         eval_every: Steps between dev evals (0 = only at the end); eval_batch_size: texts per eval forward.
         temperature, temperature_min, temperature_max: Initial learnable InfoNCE temperature and its clamp range.
+        temperature_learning_rate: Peak lr of the temperature's own AdamW group (no weight decay), on the same warmup +
+            cosine as the model (ending at `min_learning_rate / learning_rate` of it). The parameter is log τ and Adam
+            moves it by about the lr per step, so the model's 1e-4 would leave τ where it started over a short run.
         symmetric_loss: Add the document→query InfoNCE term.
         matryoshka_dims: Embedding prefixes the loss is summed over (null = the full embedding only).
         global_batch_size: Pairs per optimizer step over all processes (the seed: 16,384).
         chunk_size: Texts per forward pass inside GradCache (bounds activation memory, not the batch).
         max_steps, warmup_steps, learning_rate, min_learning_rate: Warmup + cosine schedule over the run. A resumed
-            run takes them from its current config, continuing at its step.
+            run takes them (and `temperature_learning_rate`) from its current config, continuing at its step.
         weight_decay, adam_beta1, adam_beta2, adam_epsilon, max_grad_norm: AdamW and gradient clipping (0 = none).
         mixed_precision: `auto` (bf16 on a GPU that supports it, else fp32), `no` or `bf16`.
         log_every, checkpoint_every: Steps between logs and between checkpoints (0 = no checkpoints).
@@ -144,6 +147,7 @@ class Phase2Config:
     temperature: float = 0.05
     temperature_min: float = 0.01
     temperature_max: float = 1.0
+    temperature_learning_rate: float = 1e-2
     symmetric_loss: bool = True
     matryoshka_dims: list | None = None
     global_batch_size: int = 32
@@ -168,7 +172,8 @@ class Phase2Config:
             raise ConfigError(f"config key {key!r}={getattr(self, key)!r}: {why}")
 
         for key in ("max_query_length", "max_document_length", "global_batch_size", "chunk_size", "max_steps",
-                    "learning_rate", "log_every", "eval_batch_size", "adam_epsilon"):  # fmt: skip
+                    "learning_rate", "temperature_learning_rate", "log_every", "eval_batch_size",
+                    "adam_epsilon"):  # fmt: skip
             if not getattr(self, key) > 0:
                 fail(key, "must be > 0")
         for key in ("max_negatives_per_query", "weight_decay", "eval_every", "checkpoint_every", "max_grad_norm"):
@@ -485,9 +490,10 @@ def train(config: Phase2Config) -> dict[str, float]:
     loss_fn = InfoNCELoss(
         config.temperature, (config.temperature_min, config.temperature_max), config.symmetric_loss, config.matryoshka_dims
     ).to(accelerator.device)
+    temperature = {"params": [loss_fn.log_temperature], "lr": config.temperature_learning_rate, "weight_decay": 0.0}
     optimizer = build_optimizer(
-        torch.nn.ModuleList([model, loss_fn]), config.learning_rate, config.weight_decay,
-        (config.adam_beta1, config.adam_beta2), config.adam_epsilon,
+        model, config.learning_rate, config.weight_decay, (config.adam_beta1, config.adam_beta2), config.adam_epsilon,
+        extra_groups=[temperature],
     )  # fmt: skip
     scheduler = build_scheduler(
         optimizer, config.min_learning_rate / config.learning_rate, config.warmup_steps, config.max_steps
@@ -526,7 +532,7 @@ def train(config: Phase2Config) -> dict[str, float]:
         grad_norm = accelerator.clip_grad_norm_(parameters, config.max_grad_norm or math.inf)
         loss = accelerator.reduce(output.loss.to(accelerator.device), reduction="mean")
         raise_if_not_finite({"loss": float(loss), "grad_norm": float(grad_norm)}, step + 1, checkpoint)
-        lrs = scheduler.get_last_lr()  # this step's
+        lrs = scheduler.get_last_lr()  # this step's: the model's groups, then the temperature's
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -545,6 +551,7 @@ def train(config: Phase2Config) -> dict[str, float]:
                 "train/aux_loss": float(accelerator.reduce(output.aux_loss.to(accelerator.device), reduction="mean")),
                 "train/temperature": loss_fn.temperature,
                 "train/lr": lrs[0],
+                "train/temperature_lr": lrs[-1],
                 "train/grad_norm": float(grad_norm),
                 "train/texts_per_s": output.texts * world / (time.perf_counter() - started),
                 **expert_load_stats(log_counts, moe_layers),
