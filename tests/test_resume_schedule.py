@@ -1,12 +1,14 @@
 """Resume rules shared by both phases (issue 13 failure 4 and its "Also", issue 15): a resumed run follows the lr
-schedule of its *current* config at its step (warning which schedule keys changed), and `resume=auto`
-without a checkpoint starts fresh in phase 2 as in phase 1. Also the learnable temperature's own optimizer group
-(issue 14)."""
+schedule of its *current* config at its step (warning which schedule keys changed), `--resume` and `key=value`
+overrides work in any order, and `resume=auto` without a checkpoint starts fresh in phase 2 as in phase 1. Also the
+learnable temperature's own optimizer group (issue 14)."""
 
 from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from accelerate.state import AcceleratorState, GradientState
@@ -15,6 +17,9 @@ from test_phase1 import _config, corpus, fresh_accelerate_state, one_thread, tok
 from test_phase2 import read_log, tiny_config, workspace  # noqa: F401 (fixture)
 from train import phase1
 from train.common import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
 
 def _reset_accelerate() -> None:
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -124,3 +129,32 @@ def test_temperature_has_its_own_group_and_moves(workspace, tmp_path, monkeypatc
     assert [g["initial_lr"] for g in optimizers[0].param_groups[:-1]] == [1e-3, 1e-3]
     assert all(p.ndim > 0 for g in optimizers[0].param_groups[:-1] for p in g["params"])  # log τ is in no other group
     assert moved["own"] > 5 * moved["shared"] > 0, moved
+
+
+@pytest.mark.parametrize(
+    ("argv", "resume", "overrides"),
+    [
+        (["--resume", "max_steps=12"], "auto", {"max_steps": 12}),
+        (["--resume", "max_steps=12", "seed=3"], "auto", {"max_steps": 12, "seed": 3}),
+        (["seed=3", "--resume", "max_steps=12"], "auto", {"max_steps": 12, "seed": 3}),
+        (["max_steps=12", "--resume"], "auto", {"max_steps": 12}),
+        (["seed=3", "--resume", "runs/lr=1e-3/checkpoints/checkpoint-00000006", "max_steps=12"],
+         "runs/lr=1e-3/checkpoints/checkpoint-00000006", {"max_steps": 12, "seed": 3}),  # fmt: skip
+        (["max_steps=12", "seed=3", "max_steps=20"], None, {"max_steps": 20, "seed": 3}),  # in order: the last wins
+    ],
+)
+@pytest.mark.parametrize("phase", ["phase1", "phase2"])
+def test_overrides_and_resume_in_any_order(phase, argv, resume, overrides, monkeypatch):
+    """`--config X --resume key=value` used to take key=value as the checkpoint path (issue 13, "Also")."""
+    import train.phase2 as phase2
+
+    captured = []
+    if phase == "phase1":
+        monkeypatch.setattr(phase1, "run", lambda cfg: captured.append(cfg) or SimpleNamespace(losses=[]))
+        phase1.main(["--config", str(REPO / "train/configs/phase1_tiny.yaml"), *argv])
+    else:
+        monkeypatch.setattr(phase2, "train", lambda cfg: captured.append(cfg) or {})
+        phase2.main(["--config", str(REPO / "train/configs/phase2_tiny.yaml"), *argv])
+    (config,) = captured
+    assert config.resume == resume
+    assert {key: getattr(config, key) for key in overrides} == overrides

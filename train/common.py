@@ -1,7 +1,8 @@
 """Training machinery shared by phase 1 (masked-LM pretraining) and phase 2 (contrastive tuning).
 
-- Config: a YAML mapping plus ``key=value`` command-line overrides, turned into a dataclass whose field types are
-  enforced here and whose ``__post_init__`` checks value ranges; every error names the offending key.
+- Config: a YAML mapping plus ``key=value`` command-line overrides (and ``--resume``, in any order), turned into a
+  dataclass whose field types are enforced here and whose ``__post_init__`` checks value ranges; every error names the
+  offending key.
 - Optimisation: AdamW with the usual no-decay groups and a linear-warmup + cosine schedule (the seed's recipe) that a
   resumed run rebuilds from its current config, and the token-budget → gradient-accumulation arithmetic.
 - Accelerate glue: the ``Accelerator`` with tensorboard tracking, atomic checkpoints (``save_state`` into a temporary
@@ -11,6 +12,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -19,6 +21,7 @@ import os
 import re
 import shutil
 import string
+import sys
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -181,6 +184,33 @@ def load_config(cls: type[ConfigT], path: str | Path | None, overrides: Sequence
             raise ConfigError(f"{path}: expected a YAML mapping, got {type(loaded).__name__}")
         raw = loaded or {}
     return config_from_dict(cls, apply_overrides(raw, overrides), source=str(path or "config"))
+
+
+OVERRIDE_SHAPE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*=")
+
+
+def config_from_command_line(
+    cls: type[ConfigT], argv: Sequence[str] | None, prog: str, description: str, example: str
+) -> ConfigT:
+    """The run config of ``prog --config YAML [key=value ...] [--resume [CHECKPOINT]]``: the YAML file, then the
+    overrides in the order given, then ``--resume`` (``resume=auto`` without a value). Overrides may come before or
+    after ``--resume``; a word after ``--resume`` shaped like an override (``max_steps=12``, ``model.x=1``) is one, not
+    the checkpoint, so ``--resume max_steps=12`` resumes the latest checkpoint with ``max_steps`` 12. A checkpoint
+    path may still contain ``=`` after a ``/`` (``runs/lr=1e-3/checkpoints/checkpoint-00000006``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", required=True, help=f"YAML config, e.g. {example}")
+    parser.add_argument(
+        "--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+        help="continue from the latest checkpoint in output_dir (no value) or from the given checkpoint folder",
+    )  # fmt: skip
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. max_steps=100")
+    words = list(sys.argv[1:] if argv is None else argv)
+    for index, word in enumerate(words[:-1]):
+        if word == "--resume" and OVERRIDE_SHAPE.match(words[index + 1]):
+            words[index] = "--resume=auto"
+    args = parser.parse_intermixed_args(words)
+    config = load_config(cls, args.config, args.overrides)
+    return config if args.resume is None else dataclasses.replace(config, resume=args.resume)
 
 
 def expand_path(value: str) -> str:

@@ -2,6 +2,8 @@
 
     accelerate launch train/phase1.py --config train/configs/phase1_small.yaml [key=value ...] [--resume [CHECKPOINT]]
 
+(overrides may come before or after ``--resume``; see ``train.common.config_from_command_line``).
+
 - Data: the mixture of ``train.data`` (length filter, exact-repeat dedup) is tokenised and *packed*: texts are
   concatenated, each followed by ``</s>``, and cut into blocks of ``seq_len`` tokens that start with ``<s>`` (RoBERTa's
   FULL-SENTENCES packing, Liu et al. 2019 §4.2, with fairseq's prepended BOS), so no compute goes to padding. Block
@@ -38,7 +40,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (accelerate launch train/phase1.py): make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse
 import dataclasses
 import inspect
 import itertools
@@ -64,6 +65,7 @@ from train.common import (
     ConfigError,
     build_optimizer,
     build_scheduler,
+    config_from_command_line,
     config_from_dict,
     configure_deepspeed,
     expand_path,
@@ -71,7 +73,6 @@ from train.common import (
     flatten_for_tracker,
     gradient_accumulation_steps,
     load_checkpoint,
-    load_config,
     make_accelerator,
     raise_if_not_finite,
     read_trainer_state,
@@ -817,31 +818,13 @@ def run(config: Phase1Config | Mapping[str, Any]) -> Phase1Result:
         accelerator.end_training()
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="accelerate launch train/phase1.py",
-        description="Phase-1 masked-LM pretraining of Chroma-MoE (see the module docstring).",
-    )
-    parser.add_argument("--config", required=True, help="YAML config, e.g. train/configs/phase1_small.yaml")
-    parser.add_argument(
-        "--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-        help="continue from the latest checkpoint in output_dir (no value) or from the given checkpoint folder",
-    )  # fmt: skip
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="KEY=VALUE",
-        help="config overrides, e.g. max_steps=100 model.n_routed_experts=0",
-    )
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = _parse_args(argv)
-    cfg = load_config(Phase1Config, args.config, args.overrides)
-    if args.resume is not None:
-        cfg = dataclasses.replace(cfg, resume=args.resume)
+    cfg = config_from_command_line(
+        Phase1Config, argv, prog="accelerate launch train/phase1.py",
+        description="Phase-1 masked-LM pretraining of Chroma-MoE (see the module docstring).",
+        example="train/configs/phase1_small.yaml",
+    )  # fmt: skip
     result = run(cfg)
     if result.losses and PartialState().is_main_process:
         logger.info(

@@ -2,6 +2,8 @@
 
     accelerate launch train/phase2.py --config train/configs/phase2_small.yaml [key=value ...] [--resume [CHECKPOINT]]
 
+(overrides may come before or after `--resume`; see `train.common.config_from_command_line`).
+
 Starts from a phase-1 folder (`init_from`: a masked-LM checkpoint loads into `ChromaMoeForEmbedding` with a fresh pooling
 head) or from a fresh preset. Each optimizer step embeds a global batch of (instructed query, positive, hard negatives)
 with GradCache (`train.contrastive`), so the batch size is not bounded by memory; with several processes every query
@@ -24,7 +26,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (accelerate launch train/phase2.py): make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse
 import dataclasses
 import hashlib
 import inspect
@@ -58,10 +59,10 @@ from train.common import (
     ConfigError,
     build_optimizer,
     build_scheduler,
+    config_from_command_line,
     expand_path,
     expert_load_stats,
     flatten_for_tracker,
-    load_config,
     load_checkpoint,
     make_accelerator,
     raise_if_not_finite,
@@ -580,26 +581,13 @@ def train(config: Phase2Config) -> dict[str, float]:
     return dev_metrics
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="accelerate launch train/phase2.py",
-        description="Phase-2 contrastive instruction tuning of Chroma-MoE (see the module docstring).",
-    )
-    parser.add_argument("--config", required=True, help="YAML config, e.g. train/configs/phase2_small.yaml")
-    parser.add_argument(
-        "--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-        help="continue from the latest checkpoint in output_dir (no value) or from the given checkpoint folder",
-    )  # fmt: skip
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. max_steps=100 init_from=DIR")
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> dict[str, float]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = _parse_args(argv)
-    config = load_config(Phase2Config, args.config, args.overrides)
-    if args.resume is not None:
-        config = dataclasses.replace(config, resume=args.resume)
+    config = config_from_command_line(
+        Phase2Config, argv, prog="accelerate launch train/phase2.py",
+        description="Phase-2 contrastive instruction tuning of Chroma-MoE (see the module docstring).",
+        example="train/configs/phase2_small.yaml",
+    )  # fmt: skip
     return train(config)
 
 
