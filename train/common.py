@@ -305,7 +305,7 @@ class WarmupCosine:
 class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
     """``LambdaLR`` over ``WarmupCosine`` whose checkpointed state is the step count only. The schedule itself (each
     group's peak lr, warmup, total steps, minimum ratio) comes from the run's current config, so a resumed run continues
-    at its step on the schedule it was started with now: resuming a 6-step run with ``max_steps=12`` gives steps 7-12
+    at its step on the schedule that config gives: resuming a 6-step run with ``max_steps=12`` gives steps 7-12
     exactly the lrs of a fresh 12-step run (``resolve_resume`` warns which schedule keys changed)."""
 
     def state_dict(self) -> dict[str, int]:
