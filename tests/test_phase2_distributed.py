@@ -1,6 +1,7 @@
 """Phase 2 with 2 processes (gloo on CPU, through Accelerate's DDP): every query is scored against the documents and
 hard negatives of both processes, and the loss and every gradient (routers and temperature included) equal one
-process running the whole global batch.
+process running the whole global batch, for every split of the hard negatives over the processes (uneven, all on one
+process, none anywhere: a process without negatives must still take part in every collective and its backward).
 
 The file is also the worker: `python -m torch.distributed.run --nproc_per_node 2 tests/test_phase2_distributed.py OUT`.
 """
@@ -23,7 +24,9 @@ from test_phase2 import random_features  # tests/ is on sys.path under pytest an
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
 QUERIES_PER_PROCESS = 2
-NEGATIVES_PER_PROCESS = (3, 1)  # uneven on purpose: the gather pads, the balance-loss weights use global counts
+# Hard negatives per process: uneven on purpose (the gather pads, the balance-loss weights use global counts), then all
+# on one process either way round (issue 13: [2, 0] crashed gloo at the all-gather's backward), then none anywhere.
+NEGATIVE_SPLITS = ((3, 1), (2, 0), (0, 2), (0, 0))
 # Text ids for the false-negative mask, with collisions across processes: pair 2 (process 1) repeats pair 0's positive,
 # and process 0's second hard negative is pair 1's positive.
 PAIR_IDS = torch.tensor([[1, 101], [2, 102], [3, 101], [4, 104]])
@@ -46,9 +49,25 @@ def _grads(model, loss_fn) -> dict[str, torch.Tensor]:
     return grads
 
 
+def _local_batch(batch, rank: int, split: tuple[int, ...]):
+    """Process `rank`'s share of the global `batch`: its queries and positives, and its `split[rank]` hard negatives."""
+    from train.contrastive import ContrastiveBatch
+
+    rows = slice(rank * QUERIES_PER_PROCESS, (rank + 1) * QUERIES_PER_PROCESS)
+    first = sum(split[:rank])
+    negatives = slice(first, first + split[rank])
+    return ContrastiveBatch(
+        {k: v[rows] for k, v in batch.queries.items()},
+        {k: v[rows] for k, v in batch.positives.items()},
+        {k: v[negatives] for k, v in batch.negatives.items()},
+        batch.pair_ids[rows],
+        batch.negative_ids[negatives],
+    )
+
+
 def worker(out_path: str) -> None:
-    """Each process: the single-process full-batch reference first (no process group yet), then its own share of the
-    batch under Accelerate/DDP; rank 0 writes the comparison."""
+    """Each process: the single-process full-batch references first (no process group yet), then, per negatives split,
+    its own share of the batch under Accelerate/DDP; rank 0 writes the comparisons."""
     from train.common import make_accelerator
     from train.contrastive import ContrastiveBatch, grad_cache_step
 
@@ -56,37 +75,33 @@ def worker(out_path: str) -> None:
     generator = torch.Generator().manual_seed(1)
     queries = random_features(generator, WORLD * QUERIES_PER_PROCESS, 10)
     positives = random_features(generator, WORLD * QUERIES_PER_PROCESS, 12)
-    negatives = random_features(generator, sum(NEGATIVES_PER_PROCESS), 12)
+    negatives = random_features(generator, max(map(sum, NEGATIVE_SPLITS)), 12)
 
-    model, loss_fn = _fresh()
-    reference = grad_cache_step(
-        model, loss_fn, ContrastiveBatch(queries, positives, negatives, PAIR_IDS, NEGATIVE_IDS), chunk_size=64
-    )
-    expected = _grads(model, loss_fn)
+    batches, references = [], []
+    for split in NEGATIVE_SPLITS:
+        kept = {k: v[: sum(split)] for k, v in negatives.items()}
+        batch = ContrastiveBatch(queries, positives, kept, PAIR_IDS, NEGATIVE_IDS[: sum(split)])
+        model, loss_fn = _fresh()
+        reference = grad_cache_step(model, loss_fn, batch, chunk_size=64)
+        batches.append(batch)
+        references.append((reference, _grads(model, loss_fn)))
 
     accelerator = make_accelerator(Path(out_path).parent / "accelerate", "no")
     rank = accelerator.process_index
-    model, loss_fn = _fresh()
-    model = accelerator.prepare(model)
-    rows = slice(rank * QUERIES_PER_PROCESS, (rank + 1) * QUERIES_PER_PROCESS)
-    first = sum(NEGATIVES_PER_PROCESS[:rank])
-    local_negatives = slice(first, first + NEGATIVES_PER_PROCESS[rank])
-    local = ContrastiveBatch(
-        {k: v[rows] for k, v in queries.items()},
-        {k: v[rows] for k, v in positives.items()},
-        {k: v[local_negatives] for k, v in negatives.items()},
-        PAIR_IDS[rows],
-        NEGATIVE_IDS[local_negatives],
-    )
-    output = grad_cache_step(
-        model, loss_fn, local, chunk_size=1, backward=accelerator.backward, no_sync=lambda: accelerator.no_sync(model)
-    )
-    loss = accelerator.reduce(output.loss, reduction="mean")
-    aux = accelerator.reduce(output.aux_loss, reduction="mean")
-    actual = _grads(accelerator.unwrap_model(model), loss_fn)
-    errors = {name: float((actual[name] - grad).norm() / grad.norm().clamp_min(1e-12)) for name, grad in expected.items()}
-    if rank == 0:
-        result = {
+    results = []
+    for split, batch, (reference, expected) in zip(NEGATIVE_SPLITS, batches, references):
+        model, loss_fn = _fresh()
+        model = accelerator.prepare(model)
+        output = grad_cache_step(
+            model, loss_fn, _local_batch(batch, rank, split), chunk_size=1,
+            backward=accelerator.backward, no_sync=lambda: accelerator.no_sync(model),
+        )  # fmt: skip
+        loss = accelerator.reduce(output.loss, reduction="mean")
+        aux = accelerator.reduce(output.aux_loss, reduction="mean")
+        actual = _grads(accelerator.unwrap_model(model), loss_fn)
+        errors = {name: float((actual[name] - grad).norm() / grad.norm().clamp_min(1e-12)) for name, grad in expected.items()}
+        results.append({
+            "split": list(split),
             "world": accelerator.num_processes,
             "distributed_type": str(accelerator.distributed_type),
             "wrapped": type(model).__name__,
@@ -96,8 +111,9 @@ def worker(out_path: str) -> None:
             "reference_aux_loss": float(reference.aux_loss),
             "missing": sorted(set(expected) - set(actual)),
             "errors": errors,
-        }
-        Path(out_path).write_text(json.dumps(result))
+        })  # fmt: skip
+    if rank == 0:
+        Path(out_path).write_text(json.dumps(results))
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
@@ -111,7 +127,7 @@ def _free_port() -> int:
 @pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with the gloo backend is unavailable"
 )
-def test_two_processes_equal_one_full_batch(tmp_path):
+def test_two_processes_equal_one_full_batch_for_every_negatives_split(tmp_path):
     out = tmp_path / "result.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # fmt: skip
@@ -119,16 +135,17 @@ def test_two_processes_equal_one_full_batch(tmp_path):
                str(Path(__file__).resolve()), str(out)]  # fmt: skip
     run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    result = json.loads(out.read_text())
-    assert result["world"] == WORLD and result["wrapped"] == "DistributedDataParallel", result
-    assert result["missing"] == []
-    assert abs(result["loss"] - result["reference_loss"]) <= 1e-5 * abs(result["reference_loss"]), result
-    assert abs(result["aux_loss"] - result["reference_aux_loss"]) <= 1e-5 * abs(result["reference_aux_loss"]), result
-    routers = [name for name in result["errors"] if name.endswith("mlp.gate.weight")]
-    assert len(routers) == 2 and "log_temperature" in result["errors"]
-    worst = max(result["errors"], key=result["errors"].get)
-    assert result["errors"][worst] <= 1e-5, f"{worst}: relative gradient error {result['errors'][worst]:.2e}"
-
+    results = json.loads(out.read_text())
+    assert [result["split"] for result in results] == [list(split) for split in NEGATIVE_SPLITS]
+    for result in results:
+        assert result["world"] == WORLD and result["wrapped"] == "DistributedDataParallel", result
+        assert result["missing"] == []
+        assert abs(result["loss"] - result["reference_loss"]) <= 1e-5 * abs(result["reference_loss"]), result
+        assert abs(result["aux_loss"] - result["reference_aux_loss"]) <= 1e-5 * abs(result["reference_aux_loss"]), result
+        routers = [name for name in result["errors"] if name.endswith("mlp.gate.weight")]
+        assert len(routers) == 2 and "log_temperature" in result["errors"]
+        worst = max(result["errors"], key=result["errors"].get)
+        assert result["errors"][worst] <= 1e-5, f"{result['split']} {worst}: relative gradient error {result['errors'][worst]:.2e}"
 
 if __name__ == "__main__":
     worker(sys.argv[1])

@@ -1,9 +1,10 @@
 """Training machinery shared by phase 1 (masked-LM pretraining) and phase 2 (contrastive tuning).
 
-- Config: a YAML mapping plus ``key=value`` command-line overrides, turned into a dataclass whose field types are
-  enforced here and whose ``__post_init__`` checks value ranges; every error names the offending key.
-- Optimisation: AdamW with the usual no-decay groups and a linear-warmup + cosine schedule (the seed's recipe), and the
-  token-budget → gradient-accumulation arithmetic.
+- Config: a YAML mapping plus ``key=value`` command-line overrides (and ``--resume``, in any order), turned into a
+  dataclass whose field types are enforced here and whose ``__post_init__`` checks value ranges; every error names the
+  offending key.
+- Optimisation: AdamW with the usual no-decay groups and a linear-warmup + cosine schedule (the seed's recipe) that a
+  resumed run rebuilds from its current config, and the token-budget → gradient-accumulation arithmetic.
 - Accelerate glue: the ``Accelerator`` with tensorboard tracking, atomic checkpoints (``save_state`` into a temporary
   folder, then one ``os.replace``), resume, and a NaN/inf guard.
 - MoE monitoring: per-layer expert-load statistics and the layers × experts routing heatmap.
@@ -11,13 +12,16 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
 import shutil
 import string
+import sys
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -25,6 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+import torch.distributed as dist
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import (
@@ -41,6 +46,8 @@ CHECKPOINT_PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-"
 TRAINER_STATE_FILE = "trainer_state.json"
 MIXED_PRECISION_CHOICES = ("auto", "no", "bf16")
+
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -179,6 +186,33 @@ def load_config(cls: type[ConfigT], path: str | Path | None, overrides: Sequence
     return config_from_dict(cls, apply_overrides(raw, overrides), source=str(path or "config"))
 
 
+OVERRIDE_SHAPE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*=")
+
+
+def config_from_command_line(
+    cls: type[ConfigT], argv: Sequence[str] | None, prog: str, description: str, example: str
+) -> ConfigT:
+    """The run config of ``prog --config YAML [key=value ...] [--resume [CHECKPOINT]]``: the YAML file, then the
+    overrides in the order given, then ``--resume`` (``resume=auto`` without a value). Overrides may come before or
+    after ``--resume``; a word after ``--resume`` shaped like an override (``max_steps=12``, ``model.x=1``) is one, not
+    the checkpoint, so ``--resume max_steps=12`` resumes the latest checkpoint with ``max_steps`` 12. A checkpoint
+    path may still contain ``=`` after a ``/`` (``runs/lr=1e-3/checkpoints/checkpoint-00000006``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", required=True, help=f"YAML config, e.g. {example}")
+    parser.add_argument(
+        "--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+        help="continue from the latest checkpoint in output_dir (no value) or from the given checkpoint folder",
+    )  # fmt: skip
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. max_steps=100")
+    words = list(sys.argv[1:] if argv is None else argv)
+    for index, word in enumerate(words[:-1]):
+        if word == "--resume" and OVERRIDE_SHAPE.match(words[index + 1]):
+            words[index] = "--resume=auto"
+    args = parser.parse_intermixed_args(words)
+    config = load_config(cls, args.config, args.overrides)
+    return config if args.resume is None else dataclasses.replace(config, resume=args.resume)
+
+
 def expand_path(value: str) -> str:
     """Expand ``$VARS`` in a path; ``$CHROMA_SHARED_DATA`` defaults to ``<repo root>/../shared/data``."""
     variables = {**os.environ, "CHROMA_SHARED_DATA": str(shared_data_dir())}
@@ -239,10 +273,16 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
 
 
 def build_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    extra_groups: Sequence[dict[str, Any]] = (),
 ) -> torch.optim.AdamW:
-    """AdamW (Loshchilov & Hutter 2019) over ``parameter_groups``."""
-    return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
+    """AdamW (Loshchilov & Hutter 2019) over ``parameter_groups`` of ``model`` at ``lr``, then ``extra_groups``
+    (parameters outside the model with their own ``lr`` / ``weight_decay``, e.g. the InfoNCE temperature)."""
+    return torch.optim.AdamW([*parameter_groups(model, weight_decay), *extra_groups], lr=lr, betas=betas, eps=eps)
 
 
 class WarmupCosine:
@@ -262,21 +302,35 @@ class WarmupCosine:
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
+    """``LambdaLR`` over ``WarmupCosine`` whose checkpointed state is the step count only. The schedule itself (each
+    group's peak lr, warmup, total steps, minimum ratio) comes from the run's current config, so a resumed run continues
+    at its step on the schedule that config gives: resuming a 6-step run with ``max_steps=12`` gives steps 7-12
+    exactly the lrs of a fresh 12-step run (``resolve_resume`` warns which schedule keys changed)."""
+
+    def state_dict(self) -> dict[str, int]:
+        return {"last_epoch": self.last_epoch, "_step_count": self._step_count}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Take the step from ``state_dict`` (older checkpoints hold the whole ``LambdaLR`` state; the rest is ignored)
+        and set every group's lr to this schedule's value there, replacing what the optimizer's state restored."""
+        self.last_epoch = state_dict["last_epoch"]
+        self._step_count = state_dict["_step_count"]
+        self._last_lr = [base * schedule(self.last_epoch) for base, schedule in zip(self.base_lrs, self.lr_lambdas)]
+        for group, base, lr in zip(self.optimizer.param_groups, self.base_lrs, self._last_lr):
+            group["initial_lr"], group["lr"] = base, lr
+
+
 def build_scheduler(
-    optimizer: torch.optim.Optimizer,
-    peak_lr: float,
-    min_lr: float,
-    warmup_steps: int,
-    total_steps: int,
-    start_step: int = 0,
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Warmup + cosine from ``peak_lr`` to ``min_lr``, positioned at ``start_step`` (a fresh optimizer built mid-run, as
-    at upcycling, must continue the schedule, not restart it). Step it once per optimizer step."""
+    optimizer: torch.optim.Optimizer, min_ratio: float, warmup_steps: int, total_steps: int, start_step: int = 0
+) -> WarmupCosineLR:
+    """Warmup + cosine for every param group from its current lr (its peak) down to ``min_ratio`` of it, positioned at
+    ``start_step`` (a fresh optimizer built mid-run, as at upcycling, must continue the schedule, not restart it).
+    Step it once per optimizer step."""
     for group in optimizer.param_groups:
-        group["lr"] = peak_lr
-        group["initial_lr"] = peak_lr
-    schedule = WarmupCosine(warmup_steps, total_steps, min_lr / peak_lr)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule, last_epoch=start_step - 1)
+        group["initial_lr"] = group["lr"]
+    schedule = WarmupCosine(warmup_steps, total_steps, min_ratio)
+    return WarmupCosineLR(optimizer, schedule, last_epoch=start_step - 1)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -414,13 +468,19 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: str | Path) -> dict[st
 
 
 def resolve_resume(
-    resume: str | None, checkpoints_dir: str | Path, config: Mapping[str, Any], fixed_keys: Sequence[str]
+    resume: str | None,
+    checkpoints_dir: str | Path,
+    config: Mapping[str, Any],
+    fixed_keys: Sequence[str],
+    schedule_keys: Sequence[str] = (),
 ) -> Path | None:
     """The checkpoint a run continues from, per its ``resume`` setting: ``None`` starts fresh (refused when
     ``checkpoints_dir`` already holds a checkpoint, so no run is overwritten by accident); ``"auto"`` takes the latest
     checkpoint or starts fresh when there is none (one command serves the first launch and every restart after a
     preemption); anything else is a checkpoint folder. A checkpoint written under a different value of one of
-    ``fixed_keys`` (compared with ``config``, the current run's config as a mapping) is refused, naming the keys."""
+    ``fixed_keys`` (compared with ``config``, the current run's config as a mapping) is refused, naming the keys. A
+    changed ``schedule_keys`` value is allowed, with a warning naming the keys: the lr schedule is rebuilt from the
+    current config at the checkpoint's step (``WarmupCosineLR``)."""
     existing = latest_checkpoint(checkpoints_dir)
     if resume is None:
         if existing is not None:
@@ -435,12 +495,22 @@ def resolve_resume(
     if not checkpoint.is_dir():
         raise FileNotFoundError(f"config key 'resume'={resume!r}: no such checkpoint folder")
     saved = read_trainer_state(checkpoint)["config"]
-    changed = [key for key in fixed_keys if saved.get(key) != config[key]]
+
+    def changes(keys: Sequence[str]) -> tuple[list[str], str]:
+        changed = [key for key in keys if saved.get(key) != config[key]]
+        return changed, "; ".join(f"{key}: {saved.get(key)!r} -> {config[key]!r}" for key in changed)
+
+    changed, details = changes(fixed_keys)
     if changed:
-        details = "; ".join(f"{key}: {saved.get(key)!r} -> {config[key]!r}" for key in changed)
         raise ConfigError(
             f"cannot resume {checkpoint}: config key(s) {changed} changed since it was written ({details})"
         )
+    changed, details = changes(schedule_keys)
+    if changed and (not dist.is_initialized() or dist.get_rank() == 0):
+        logger.warning(
+            "resuming %s with changed schedule key(s) %s (%s): the lr schedule is rebuilt from the current config and "
+            "continues at the checkpoint's step", checkpoint, changed, details,
+        )  # fmt: skip
     return checkpoint
 
 

@@ -51,22 +51,28 @@ def _world() -> tuple[int, int]:
 
 def gather_across_processes(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     """All-gather `tensor` `(n_r, D)` from every process, keeping autograd: returns `(Σ_r n_r, D)` in rank order and the
-    offset of this process's rows in it. Row counts may differ between processes (padded for the collective).
+    offset of this process's rows in it. Row counts may differ between processes (padded for the collective), and may
+    be 0 on some or all of them.
 
     The backward of the gather sums, over processes, the gradient each one computed for a row into the process that
     owns the row: each process must therefore compute the loss of its own queries only (see the module docstring).
+    That backward is itself a collective, so every process must run it or none: when any process's rows require a
+    gradient, every process's gathered result does, even where the local rows are a constant (a process without hard
+    negatives passes an empty tensor autograd does not track).
     """
     rank, world = _world()
     if world == 1:
         return tensor, 0
-    size = torch.tensor([tensor.shape[0]], device=tensor.device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    counts = [int(s.item()) for s in sizes]
+    local = torch.tensor([tensor.shape[0], int(tensor.requires_grad)], device=tensor.device)  # (rows, requires_grad)
+    every = [torch.zeros_like(local) for _ in range(world)]
+    dist.all_gather(every, local)
+    counts = [int(entry[0]) for entry in every]
     longest = max(counts)
     if longest == 0:
         return tensor, 0
     padded = F.pad(tensor, (0, 0, 0, longest - tensor.shape[0])).contiguous()  # (longest, D)
+    if any(int(entry[1]) for entry in every) and not padded.requires_grad:
+        padded = padded.detach().requires_grad_()  # a fresh leaf: the caller's tensor is left as it was
     gathered = funcol.wait_tensor(funcol.all_gather_single_autograd(padded, 0, dist.group.WORLD))  # (W·longest, D)
     pieces = [gathered[r * longest : r * longest + counts[r]] for r in range(world)]
     return torch.cat(pieces), sum(counts[:rank])

@@ -2,6 +2,8 @@
 
     accelerate launch train/phase1.py --config train/configs/phase1_small.yaml [key=value ...] [--resume [CHECKPOINT]]
 
+(overrides may come before or after ``--resume``; see ``train.common.config_from_command_line``).
+
 - Data: the mixture of ``train.data`` (length filter, exact-repeat dedup) is tokenised and *packed*: texts are
   concatenated, each followed by ``</s>``, and cut into blocks of ``seq_len`` tokens that start with ``<s>`` (RoBERTa's
   FULL-SENTENCES packing, Liu et al. 2019 §4.2, with fairseq's prepended BOS), so no compute goes to padding. Block
@@ -23,7 +25,10 @@
   heatmap PNG in every checkpoint; a tqdm bar with ETA.
 - Checkpoints (``output_dir/checkpoints``): model safetensors, optimizer, scheduler, RNG states, data position, written
   atomically every ``checkpoint_every`` steps and at the end; ``--resume`` continues with exactly the losses of an
-  uninterrupted run. A NaN/inf loss stops the run and keeps the last good checkpoint. The final model goes to
+  uninterrupted run. The lr schedule is not taken from the checkpoint: a resumed run continues at its step on the
+  schedule its current config gives (``SCHEDULE_KEYS``; a changed one is logged as a warning), so resuming a finished
+  6-step run with ``max_steps=12`` trains steps 7-12 at a fresh 12-step run's lrs. A NaN/inf loss stops the run and
+  keeps the last good checkpoint. The final model goes to
   ``output_dir/final`` (``save_pretrained`` + tokenizer): it loads with ``AutoModelForMaskedLM`` and ``AutoModel``.
 """
 
@@ -35,7 +40,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (accelerate launch train/phase1.py): make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse
 import dataclasses
 import inspect
 import itertools
@@ -61,6 +65,7 @@ from train.common import (
     ConfigError,
     build_optimizer,
     build_scheduler,
+    config_from_command_line,
     config_from_dict,
     configure_deepspeed,
     expand_path,
@@ -68,7 +73,6 @@ from train.common import (
     flatten_for_tracker,
     gradient_accumulation_steps,
     load_checkpoint,
-    load_config,
     make_accelerator,
     raise_if_not_finite,
     read_trainer_state,
@@ -89,6 +93,8 @@ HEATMAP_FILE = "routing_heatmap.png"
 # Keys whose change would make a resumed run a different run (data, model, batch): such a resume is refused.
 RESUME_FIXED_KEYS = ("data", "model", "seed", "seq_len", "global_batch_tokens", "min_chars", "max_chars", "dedup",
                      "mlm_probability", "span_masking", "upcycle_at")  # fmt: skip
+# Keys that shape the lr schedule: a resume with them changed continues on the schedule they give now (with a warning).
+SCHEDULE_KEYS = ("max_steps", "warmup_steps", "learning_rate", "min_learning_rate")
 MODEL_CONFIG_KEYS = frozenset(inspect.signature(ChromaMoeConfig.__init__).parameters) - {"self", "kwargs"}
 DATA_ENTRY_KEYS = frozenset(f.name for f in dataclasses.fields(TextSourceSpec))
 
@@ -455,12 +461,13 @@ class StepStats:
 
 @dataclass
 class Phase1Result:
-    """What ``run`` did: per-step losses of this call, where its outputs went, the batch arithmetic (``tokens_per_step``
-    counts the packed tokens actually read per step), throughput and the upcycling record (``max_abs_logit_diff`` at
-    the switch, ``loss_before``/``loss_after``/``loss_jump`` around it)."""
+    """What ``run`` did: per-step losses and learning rates of this call, where its outputs went, the batch arithmetic
+    (``tokens_per_step`` counts the packed tokens actually read per step), throughput and the upcycling record
+    (``max_abs_logit_diff`` at the switch, ``loss_before``/``loss_after``/``loss_jump`` around it)."""
 
     first_step: int
     losses: list[float]
+    learning_rates: list[float]
     output_dir: Path
     final_dir: Path
     last_checkpoint: Path | None
@@ -496,10 +503,17 @@ class Phase1Trainer:
         self.blocks.make_stream(0)  # fail now, not after model building, on a missing file or bad spec
         self.masker = MlmMasker(self.tokenizer, cfg.mlm_probability, cfg.span_masking, cfg.seed)
 
-        resume_from = resolve_resume(cfg.resume, self.checkpoints_dir, dataclasses.asdict(cfg), RESUME_FIXED_KEYS)
+        resume_from = resolve_resume(
+            cfg.resume, self.checkpoints_dir, dataclasses.asdict(cfg), RESUME_FIXED_KEYS, SCHEDULE_KEYS
+        )
         state = read_trainer_state(resume_from) if resume_from else None
         self.upcycle = state["upcycle"] if state else None
         self.upcycled = state["upcycled"] if state else cfg.upcycle_at is None
+        if state and not self.upcycled and cfg.upcycle_step < state["step"]:
+            raise ConfigError(
+                f"cannot resume {resume_from} (dense, step {state['step']}): config key 'max_steps'={cfg.max_steps} "
+                f"moves upcycling (upcycle_at={cfg.upcycle_at}) to step {cfg.upcycle_step}, which this run has passed"
+            )
         set_seed(cfg.seed)
         model_config = self.moe_config if self.upcycled else dense_config_for(self.moe_config)
         self.model, self.optimizer, self.scheduler = self._prepare(ChromaMoeForMaskedLM(model_config), start_step=0)
@@ -514,6 +528,7 @@ class Phase1Trainer:
         self._heatmap_counts: torch.Tensor | None = None
         self._heatmap_from = self.start_step
         self._losses: list[float] = []
+        self._learning_rates: list[float] = []
         self._first_block = self.blocks.blocks_emitted
 
     # ---- setup --------------------------------------------------------------------------------------------------
@@ -529,7 +544,7 @@ class Phase1Trainer:
             model, cfg.learning_rate, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon
         )
         scheduler = build_scheduler(
-            optimizer, cfg.learning_rate, cfg.min_learning_rate, cfg.warmup_steps, cfg.max_steps, start_step=start_step
+            optimizer, cfg.min_learning_rate / cfg.learning_rate, cfg.warmup_steps, cfg.max_steps, start_step=start_step
         )
         configure_deepspeed(self.acc, cfg.per_device_batch_size, self.accum, cfg.max_grad_norm)
         return self.acc.prepare(model, optimizer, scheduler)
@@ -750,6 +765,7 @@ class Phase1Trainer:
             window_seconds += elapsed
             total_seconds += elapsed
             self._losses.append(stats.loss)
+            self._learning_rates.append(stats.lr)
             window.append(stats)
             if stats.expert_counts is not None:
                 self._heatmap_counts = (
@@ -780,6 +796,7 @@ class Phase1Trainer:
         return Phase1Result(
             first_step=self.start_step,
             losses=self._losses,
+            learning_rates=self._learning_rates,
             output_dir=self.output_dir,
             final_dir=final,
             last_checkpoint=self.last_checkpoint,
@@ -801,31 +818,13 @@ def run(config: Phase1Config | Mapping[str, Any]) -> Phase1Result:
         accelerator.end_training()
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="accelerate launch train/phase1.py",
-        description="Phase-1 masked-LM pretraining of Chroma-MoE (see the module docstring).",
-    )
-    parser.add_argument("--config", required=True, help="YAML config, e.g. train/configs/phase1_small.yaml")
-    parser.add_argument(
-        "--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-        help="continue from the latest checkpoint in output_dir (no value) or from the given checkpoint folder",
-    )  # fmt: skip
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="KEY=VALUE",
-        help="config overrides, e.g. max_steps=100 model.n_routed_experts=0",
-    )
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = _parse_args(argv)
-    cfg = load_config(Phase1Config, args.config, args.overrides)
-    if args.resume is not None:
-        cfg = dataclasses.replace(cfg, resume=args.resume)
+    cfg = config_from_command_line(
+        Phase1Config, argv, prog="accelerate launch train/phase1.py",
+        description="Phase-1 masked-LM pretraining of Chroma-MoE (see the module docstring).",
+        example="train/configs/phase1_small.yaml",
+    )  # fmt: skip
     result = run(cfg)
     if result.losses and PartialState().is_main_process:
         logger.info(

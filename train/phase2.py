@@ -2,6 +2,8 @@
 
     accelerate launch train/phase2.py --config train/configs/phase2_small.yaml [key=value ...] [--resume [CHECKPOINT]]
 
+(overrides may come before or after `--resume`; see `train.common.config_from_command_line`).
+
 Starts from a phase-1 folder (`init_from`: a masked-LM checkpoint loads into `ChromaMoeForEmbedding` with a fresh pooling
 head) or from a fresh preset. Each optimizer step embeds a global batch of (instructed query, positive, hard negatives)
 with GradCache (`train.contrastive`), so the batch size is not bounded by memory; with several processes every query
@@ -24,7 +26,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (accelerate launch train/phase2.py): make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse
 import dataclasses
 import functools
 import hashlib
@@ -57,15 +58,14 @@ from train.common import (
     ConfigError,
     build_optimizer,
     build_scheduler,
+    config_from_command_line,
     expand_path,
     expert_load_stats,
     flatten_for_tracker,
-    latest_checkpoint,
     load_checkpoint,
-    load_config,
     make_accelerator,
     raise_if_not_finite,
-    read_trainer_state,
+    resolve_resume,
     save_checkpoint,
     save_routing_heatmap,
 )
@@ -89,6 +89,8 @@ MODEL_CONFIG_KEYS = frozenset(inspect.signature(ChromaMoeConfig.__init__).parame
 RESUME_FIXED_KEYS = ("train_sources", "init_from", "model", "seed", "max_query_length", "max_document_length",
                      "max_negatives_per_query", "split_fraction", "split_seed", "global_batch_size", "symmetric_loss",
                      "matryoshka_dims", "batch_sampling", "source_alpha")  # fmt: skip
+# Keys that shape the lr schedule: a resume with them changed continues on the schedule they give now (with a warning).
+SCHEDULE_KEYS = ("max_steps", "warmup_steps", "learning_rate", "min_learning_rate", "temperature_learning_rate")
 
 
 @dataclass
@@ -116,6 +118,9 @@ class Phase2Config:
             the kept queries and fills up with seeded random distractors).
         eval_every: Steps between dev evals (0 = only at the end); eval_batch_size: texts per eval forward.
         temperature, temperature_min, temperature_max: Initial learnable InfoNCE temperature and its clamp range.
+        temperature_learning_rate: Peak lr of the temperature's own AdamW group (no weight decay), on the same warmup +
+            cosine as the model (ending at `min_learning_rate / learning_rate` of it). The parameter is log τ and Adam
+            moves it by about the lr per step, so the model's 1e-4 would leave τ where it started over a short run.
         symmetric_loss: Add the document→query InfoNCE term.
         matryoshka_dims: Embedding prefixes the loss is summed over (null = the full embedding only).
         global_batch_size: Pairs per optimizer step over all processes (the seed: 16,384).
@@ -124,7 +129,8 @@ class Phase2Config:
             needs at least `global_batch_size` pairs); see `train.pair_stream`.
         source_alpha: The exponent α of `per_source` sampling (1: proportional to size, 0: uniform over sources).
         chunk_size: Texts per forward pass inside GradCache (bounds activation memory, not the batch).
-        max_steps, warmup_steps, learning_rate, min_learning_rate: Warmup + cosine schedule over the run.
+        max_steps, warmup_steps, learning_rate, min_learning_rate: Warmup + cosine schedule over the run. A resumed
+            run takes them (and `temperature_learning_rate`) from its current config, continuing at its step.
         weight_decay, adam_beta1, adam_beta2, adam_epsilon, max_grad_norm: AdamW and gradient clipping (0 = none).
         mixed_precision: `auto` (bf16 on a GPU that supports it, else fp32), `no` or `bf16`.
         log_every, checkpoint_every: Steps between logs and between checkpoints (0 = no checkpoints).
@@ -153,6 +159,7 @@ class Phase2Config:
     temperature: float = 0.05
     temperature_min: float = 0.01
     temperature_max: float = 1.0
+    temperature_learning_rate: float = 1e-2
     symmetric_loss: bool = True
     matryoshka_dims: list | None = None
     global_batch_size: int = 32
@@ -179,7 +186,8 @@ class Phase2Config:
             raise ConfigError(f"config key {key!r}={getattr(self, key)!r}: {why}")
 
         for key in ("max_query_length", "max_document_length", "global_batch_size", "chunk_size", "max_steps",
-                    "learning_rate", "log_every", "eval_batch_size", "adam_epsilon"):  # fmt: skip
+                    "learning_rate", "temperature_learning_rate", "log_every", "eval_batch_size",
+                    "adam_epsilon"):  # fmt: skip
             if not getattr(self, key) > 0:
                 fail(key, "must be > 0")
         for key in ("max_negatives_per_query", "weight_decay", "eval_every", "checkpoint_every", "max_grad_norm"):
@@ -426,28 +434,6 @@ def save_final(model: ChromaMoeForEmbedding, tokenizer: PreTrainedTokenizerFast,
     save_sentence_transformer(st_model, target)
 
 
-def resume_checkpoint(config: Phase2Config, checkpoints_dir: Path) -> Path | None:
-    """The checkpoint to resume from (see `Phase2Config.resume`), after checking that the run it belongs to had the
-    same `RESUME_FIXED_KEYS`."""
-    existing = latest_checkpoint(checkpoints_dir)
-    if config.resume is None:
-        if existing is not None:
-            raise ConfigError(
-                f"config key 'resume'=None but {existing} exists: pass --resume (resume=auto) to continue that run, "
-                "or choose another output_dir"
-            )
-        return None
-    checkpoint = existing if config.resume == "auto" else Path(config.resume)
-    if checkpoint is None or not checkpoint.is_dir():
-        raise FileNotFoundError(f"config key 'resume'={config.resume!r}: no checkpoint found (looked in {checkpoints_dir})")
-    saved, current = read_trainer_state(checkpoint)["config"], dataclasses.asdict(config)
-    changed = [key for key in RESUME_FIXED_KEYS if saved.get(key) != current[key]]
-    if changed:
-        details = "; ".join(f"{key}: {saved.get(key)!r} -> {current[key]!r}" for key in changed)
-        raise ConfigError(f"cannot resume {checkpoint}: config key(s) {changed} changed since it was written ({details})")
-    return checkpoint
-
-
 def _truncate_log(path: Path, step: int) -> None:
     """Keep the log lines of steps <= `step`: a resumed run rewrites whatever came after its checkpoint."""
     if path.is_file():
@@ -484,8 +470,10 @@ def train(config: Phase2Config) -> dict[str, float]:
     set)."""
     output_dir = Path(expand_path(config.output_dir))
     checkpoints_dir = output_dir / "checkpoints"
-    checkpoint = resume_checkpoint(config, checkpoints_dir)
     accelerator = make_accelerator(output_dir, config.mixed_precision)
+    checkpoint = resolve_resume(
+        config.resume, checkpoints_dir, dataclasses.asdict(config), RESUME_FIXED_KEYS, SCHEDULE_KEYS
+    )
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # Accelerate turns every `backward` under DeepSpeed into an engine step at an accumulation boundary, while
         # GradCache back-propagates each chunk separately into one optimizer step, and ZeRO would not shard the
@@ -514,11 +502,14 @@ def train(config: Phase2Config) -> dict[str, float]:
     loss_fn = InfoNCELoss(
         config.temperature, (config.temperature_min, config.temperature_max), config.symmetric_loss, config.matryoshka_dims
     ).to(accelerator.device)
+    temperature = {"params": [loss_fn.log_temperature], "lr": config.temperature_learning_rate, "weight_decay": 0.0}
     optimizer = build_optimizer(
-        torch.nn.ModuleList([model, loss_fn]), config.learning_rate, config.weight_decay,
-        (config.adam_beta1, config.adam_beta2), config.adam_epsilon,
+        model, config.learning_rate, config.weight_decay, (config.adam_beta1, config.adam_beta2), config.adam_epsilon,
+        extra_groups=[temperature],
     )  # fmt: skip
-    scheduler = build_scheduler(optimizer, config.learning_rate, config.min_learning_rate, config.warmup_steps, config.max_steps)
+    scheduler = build_scheduler(
+        optimizer, config.min_learning_rate / config.learning_rate, config.warmup_steps, config.max_steps
+    )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     accelerator.register_for_checkpointing(loss_fn)
     unwrapped: ChromaMoeForEmbedding = accelerator.unwrap_model(model)
@@ -553,6 +544,7 @@ def train(config: Phase2Config) -> dict[str, float]:
         grad_norm = accelerator.clip_grad_norm_(parameters, config.max_grad_norm or math.inf)
         loss = accelerator.reduce(output.loss.to(accelerator.device), reduction="mean")
         raise_if_not_finite({"loss": float(loss), "grad_norm": float(grad_norm)}, step + 1, checkpoint)
+        lrs = scheduler.get_last_lr()  # this step's: the model's groups, then the temperature's
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -570,7 +562,8 @@ def train(config: Phase2Config) -> dict[str, float]:
                 "train/loss": float(loss),
                 "train/aux_loss": float(accelerator.reduce(output.aux_loss.to(accelerator.device), reduction="mean")),
                 "train/temperature": loss_fn.temperature,
-                "train/lr": scheduler.get_last_lr()[0],
+                "train/lr": lrs[0],
+                "train/temperature_lr": lrs[-1],
                 "train/grad_norm": float(grad_norm),
                 "train/texts_per_s": output.texts * world / (time.perf_counter() - started),
                 **expert_load_stats(log_counts, moe_layers),
@@ -599,26 +592,13 @@ def train(config: Phase2Config) -> dict[str, float]:
     return dev_metrics
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="accelerate launch train/phase2.py",
-        description="Phase-2 contrastive instruction tuning of Chroma-MoE (see the module docstring).",
-    )
-    parser.add_argument("--config", required=True, help="YAML config, e.g. train/configs/phase2_small.yaml")
-    parser.add_argument(
-        "--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-        help="continue from the latest checkpoint in output_dir (no value) or from the given checkpoint folder",
-    )  # fmt: skip
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. max_steps=100 init_from=DIR")
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> dict[str, float]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = _parse_args(argv)
-    config = load_config(Phase2Config, args.config, args.overrides)
-    if args.resume is not None:
-        config = dataclasses.replace(config, resume=args.resume)
+    config = config_from_command_line(
+        Phase2Config, argv, prog="accelerate launch train/phase2.py",
+        description="Phase-2 contrastive instruction tuning of Chroma-MoE (see the module docstring).",
+        example="train/configs/phase2_small.yaml",
+    )  # fmt: skip
     return train(config)
 
 
