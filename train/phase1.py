@@ -15,7 +15,8 @@
     The data position in a checkpoint is the step alone (O(1)), so resuming with another number of processes reads
     exactly the blocks the old run would have read (``global_batch_tokens`` is fixed across a resume).
   - no ``pretokenized`` (small runs): every process reads and tokenises the whole stream in the loop and keeps its own
-    rows; the checkpoint carries the text stream's position, its dedup hashes and the unread tokens.
+    rows; the checkpoint carries the number of texts read in the current pass (a resume replays them through the
+    filters) and the tokens read but not yet packed (less than one step's).
 - Objective: BERT's masking (Devlin et al. 2019 §3.1): ``mlm_probability`` of the non-special tokens are predicted; of
   those 80% become ``<mask>``, 10% a random token, 10% stay. ``span_masking`` picks contiguous spans instead, with
   SpanBERT's lengths (Joshi et al. 2020: geometric, p = 0.2, clipped at 10). The loss is the cross-entropy averaged over
