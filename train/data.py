@@ -375,6 +375,11 @@ class TextFilterStats:
         )
 
 
+def dedup_key(text: str) -> int:
+    """The exact-repeat key of a phase-1 text: the 64-bit BLAKE2b of its whitespace-normalised form, in [0, 2**64)."""
+    return _text_hash(" ".join(text.split()))
+
+
 class TextStream:
     """Iterates the texts of a (mixed) text dataset through a length filter and exact-repeat dedup.
 
@@ -418,7 +423,7 @@ class TextStream:
             self.stats.too_long += 1
             return False
         if self.dedup:
-            digest = _text_hash(" ".join(text.split()))
+            digest = dedup_key(text)
             if digest in self._seen_hashes:
                 self.stats.duplicate += 1
                 return False

@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 from datasets.arrow_writer import ArrowWriter
 from transformers import PreTrainedTokenizerBase
 
-from train.data import TextSourceSpec, _text_hash, load_text_dataset, mix_text_datasets
+from train.data import TextSourceSpec, dedup_key, load_text_dataset, mix_text_datasets
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def _filter_columns(batch: dict[str, list], min_chars: int, max_chars: int | Non
         length = len(text.strip())
         too_long = max_chars is not None and length > max_chars
         status.append(TOO_SHORT if length < min_chars else TOO_LONG if too_long else KEPT)
-        hashes.append(_text_hash(" ".join(text.split())) - 2**63)  # shifted into int64, which Arrow converts
+        hashes.append(dedup_key(text) - 2**63)  # shifted into int64, which Arrow converts
     return {"status": status, "hash": hashes}
 
 
