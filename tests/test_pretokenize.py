@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+import yaml
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 from test_scale_out import _launch  # the DDP launcher of tests/test_scale_out.py
@@ -20,6 +21,7 @@ from train import phase1
 from train.common import ConfigError, TRAINER_STATE_FILE
 from train.data import TextSourceSpec
 from train.pretokenize import BlockOrder, PackedBlockShards, pretokenize
+from train.pretokenize import main as pretokenize_main
 
 RUN = {"global_batch_tokens": 256, "max_steps": 8, "warmup_steps": 1, "learning_rate": 3e-3, "min_learning_rate": 3e-4,
        "log_every": 4, "checkpoint_every": 100, "dataloader_num_workers": 0}  # fmt: skip
@@ -211,3 +213,18 @@ def test_a_folder_built_for_another_config_is_refused(tiny_phase1_config, tmp_pa
     on_the_fly = {**config, "pretokenized": None, "max_steps": 4, "resume": "auto", "output_dir": str(tmp_path / "run")}
     with pytest.raises(ConfigError, match=r"written from pre-tokenised data, this run reads on-the-fly data"):
         phase1.run(on_the_fly)
+
+
+def test_the_command_line_builds_from_the_phase1_config(tiny_phase1_config, tmp_path):
+    """``python -m train.pretokenize --config YAML --output DIR key=value``: the config's data, filters and seed reach
+    the blocks (the same blocks as the function called with them), and phase 1 accepts the folder."""
+    config_file = tmp_path / "phase1.yaml"
+    config_file.write_text(yaml.safe_dump({**tiny_phase1_config, **RUN}))
+    pretokenize_main(["--config", str(config_file), "--output", str(tmp_path / "cli"), "--num-proc", "2", "seed=5"])
+    config = _pretokenized({**tiny_phase1_config, **RUN, "seed": 5}, tmp_path / "direct")
+    cli, direct = PackedBlockShards(tmp_path / "cli"), PackedBlockShards(config["pretokenized"])
+    assert cli.manifest == direct.manifest and cli.manifest["seed"] == 5
+    assert (cli.take(np.arange(len(cli))) == direct.take(np.arange(len(direct)))).all()
+    opened = phase1.open_pretokenized(phase1.Phase1Config(**{**config, "pretokenized": str(tmp_path / "cli")}),
+                                      AutoTokenizer.from_pretrained(config["tokenizer"]))  # fmt: skip
+    assert len(opened) == len(cli) == cli.manifest["blocks"]
