@@ -205,6 +205,8 @@ def test_a_folder_built_for_another_config_is_refused(tiny_phase1_config, tmp_pa
     config = _pretokenized({**tiny_phase1_config, **RUN}, tmp_path / "blocks")
     with pytest.raises(ConfigError, match=r"'seq_len'=16 differs from the pre-tokenised folder .* built with 32"):
         phase1.run({**config, "seq_len": 16, "output_dir": str(tmp_path / "run")})
+    with pytest.raises(ConfigError, match=r"'dataloader_num_workers'=-1: must be >= 0"):
+        phase1.Phase1Config(**{**config, "dataloader_num_workers": -1})
     with pytest.raises(FileNotFoundError, match=r"nowhere is not a pre-tokenised folder \(manifest.json missing\)"):
         phase1.run({**config, "pretokenized": str(tmp_path / "nowhere"), "output_dir": str(tmp_path / "run")})
     phase1.run({**config, "max_steps": 2, "checkpoint_every": 2, "output_dir": str(tmp_path / "run")})
