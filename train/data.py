@@ -1,9 +1,9 @@
 """Data layer shared by phase 1 (masked-LM text) and phase 2 (contrastive pairs).
 
 Phase 1 reads plain texts: every source becomes a ``datasets.IterableDataset`` with one ``text`` column, so the seed's
-multi-terabyte Hub corpora stream without being downloaded, local files and Hub datasets mix through one call to
-``datasets.interleave_datasets``, and the trainer can checkpoint the data position with ``state_dict()``.
-``TextStream`` adds the length filter and exact-repeat dedup on top and counts what each one dropped.
+multi-terabyte Hub corpora stream without being downloaded, and local files and Hub datasets mix through one call to
+``datasets.interleave_datasets``. ``TextStream`` adds the length filter and exact-repeat dedup on top, counts what each
+one dropped, and checkpoints its position as the number of texts read.
 
 Phase 2 reads (query, positive, hard negatives, task) records from the seed's Hub pair datasets, local pair ``.jsonl``
 files and BEIR folders, and formats queries with the seed's instruction template.
@@ -357,14 +357,21 @@ class TextFilterStats:
         )
 
 
+def dedup_key(text: str) -> int:
+    """The exact-repeat key of a phase-1 text: the 64-bit BLAKE2b of its whitespace-normalised form, in [0, 2**64)."""
+    return _text_hash(" ".join(text.split()))
+
+
 class TextStream:
     """Iterates the texts of a (mixed) text dataset through a length filter and exact-repeat dedup.
 
     Length is counted in characters after stripping. Dedup hashes the whitespace-normalised text (64-bit BLAKE2b, about
     100 bytes of memory per unique text) and drops a text whose hash was seen before in this stream; with several
     processes, split the dataset first (``datasets.distributed.split_dataset_by_node``) and each process dedups its own
-    share. ``state_dict()`` holds the dataset position, the counters and the seen hashes, so a resumed stream yields
-    exactly what an uninterrupted one would have.
+    share. ``state_dict()`` is O(1): the number of texts read. ``load_state_dict`` makes the next iteration replay that
+    many texts through the filters without yielding them (rebuilding the counters and the seen hashes), so a resumed
+    stream yields exactly what an uninterrupted one would have; the replay re-reads the pass so far, which is what a
+    small run can afford (at scale, pre-tokenise: ``train.pretokenize``).
     """
 
     def __init__(
@@ -385,38 +392,40 @@ class TextStream:
         self.dedup = dedup
         self.stats = TextFilterStats()
         self._seen_hashes: set[int] = set()
+        self._replay = 0
+
+    def _accept(self, text: str) -> bool:
+        """Count ``text`` and say whether it passes the filters (remembering its hash if it does)."""
+        self.stats.seen += 1
+        length = len(text.strip())
+        if length < self.min_chars:
+            self.stats.too_short += 1
+            return False
+        if self.max_chars is not None and length > self.max_chars:
+            self.stats.too_long += 1
+            return False
+        if self.dedup:
+            digest = dedup_key(text)
+            if digest in self._seen_hashes:
+                self.stats.duplicate += 1
+                return False
+            self._seen_hashes.add(digest)
+        self.stats.kept += 1
+        return True
 
     def __iter__(self) -> Iterator[str]:
+        replay, self._replay = self._replay, 0
+        self.stats, self._seen_hashes = TextFilterStats(), set()
         for row in self.dataset:
             text = row["text"]
-            self.stats.seen += 1
-            length = len(text.strip())
-            if length < self.min_chars:
-                self.stats.too_short += 1
-                continue
-            if self.max_chars is not None and length > self.max_chars:
-                self.stats.too_long += 1
-                continue
-            if self.dedup:
-                digest = _text_hash(" ".join(text.split()))
-                if digest in self._seen_hashes:
-                    self.stats.duplicate += 1
-                    continue
-                self._seen_hashes.add(digest)
-            self.stats.kept += 1
-            yield text
+            if self._accept(text) and self.stats.seen > replay:
+                yield text
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "dataset": self.dataset.state_dict(),
-            "stats": asdict(self.stats),
-            "seen_hashes": sorted(self._seen_hashes),
-        }
+        return {"texts_seen": self.stats.seen}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.dataset.load_state_dict(state["dataset"])
-        self.stats = TextFilterStats(**state["stats"])
-        self._seen_hashes = set(state["seen_hashes"])
+        self._replay = state["texts_seen"]
 
 
 def build_text_stream(

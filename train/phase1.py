@@ -7,9 +7,18 @@
 - Data: the mixture of ``train.data`` (length filter, exact-repeat dedup) is tokenised and *packed*: texts are
   concatenated, each followed by ``</s>``, and cut into blocks of ``seq_len`` tokens that start with ``<s>`` (RoBERTa's
   FULL-SENTENCES packing, Liu et al. 2019 §4.2, with fairseq's prepended BOS), so no compute goes to padding. Block
-  ``i`` of the run is always the same tokens with the same mask: the masking RNG of a block is seeded by (seed, i). Every
-  process reads and packs the whole stream and keeps its own blocks, so the data a step sees (and a checkpoint's data
-  position) does not depend on the number of processes.
+  ``i`` of the run is always the same tokens with the same mask: the masking RNG of a block is seeded by (seed, i).
+  Step ``s`` takes the run's blocks ``s·B … (s+1)·B − 1`` (B blocks per step) and micro-batch ``j`` of process ``r``
+  of ``P`` their rows ``(j·P + r)·b … +b``, so what a step sees does not depend on the number of processes.
+  Two ways in:
+  - ``pretokenized``: a folder built by ``python -m train.pretokenize`` (the way at scale). Run-wide block ``g`` is
+    row ``π_e(g mod N)`` of its memory-mapped shards (``train.pretokenize.BlockOrder``: every block once per epoch
+    ``e``, in an order seeded by (seed, e)); each process reads only its own rows, in DataLoader workers that prefetch.
+    The data position in a checkpoint is the step alone (O(1)), so resuming with another number of processes reads
+    exactly the blocks the old run would have read (``global_batch_tokens`` is fixed across a resume).
+  - no ``pretokenized`` (small runs): every process reads and tokenises the whole stream in the loop and keeps its own
+    rows; the checkpoint carries the number of texts read in the current pass (a resume replays them through the
+    filters) and the tokens read but not yet packed (less than one step's).
 - Objective: BERT's masking (Devlin et al. 2019 §3.1): ``mlm_probability`` of the non-special tokens are predicted; of
   those 80% become ``<mask>``, 10% a random token, 10% stay. ``span_masking`` picks contiguous spans instead, with
   SpanBERT's lengths (Joshi et al. 2020: geometric, p = 0.2, clipped at 10). The loss is the cross-entropy averaged over
@@ -46,7 +55,7 @@ import itertools
 import logging
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +64,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -81,6 +91,7 @@ from train.common import (
     save_routing_heatmap,
 )
 from train.data import TextSourceSpec, TextStream, build_text_stream
+from train.pretokenize import BlockOrder, PackedBlockShards, tokenizer_hash
 from train.upcycle import dense_config_for, upcycle_model, upcycle_tensors
 
 logger = logging.getLogger(__name__)
@@ -136,6 +147,10 @@ class Phase1Config:
         checkpoint_every: Steps between checkpoints (one is also written at the end).
         resume: null (a fresh run; refused if ``output_dir`` already has a checkpoint), ``auto`` (the latest checkpoint
             in ``output_dir`` if any) or a checkpoint folder.
+        pretokenized: A folder from ``python -m train.pretokenize`` built with this config's data, tokenizer,
+            ``seq_len``, seed and filters (checked against its manifest); null tokenises ``data`` in the loop.
+        dataloader_num_workers: DataLoader worker processes that read and mask ``pretokenized`` blocks ahead of the
+            step (0: in the training process).
     """
 
     tokenizer: str
@@ -165,6 +180,8 @@ class Phase1Config:
     log_every: int = 10
     checkpoint_every: int = 500
     resume: str | None = None
+    pretokenized: str | None = None
+    dataloader_num_workers: int = 1
 
     def __post_init__(self) -> None:
         def fail(key: str, why: str) -> None:
@@ -184,6 +201,8 @@ class Phase1Config:
             fail("seq_len", "must be >= 2 (<s> plus at least one text token)")
         if not 0 <= self.warmup_steps < self.max_steps:
             fail("warmup_steps", f"must be in [0, max_steps={self.max_steps})")
+        if self.dataloader_num_workers < 0:
+            fail("dataloader_num_workers", "must be >= 0")
         if self.learning_rate <= 0:
             fail("learning_rate", "must be > 0")
         if not 0 <= self.min_learning_rate <= self.learning_rate:
@@ -363,6 +382,43 @@ class PackedBlocks:
         return self._stream.stats.summary() if self._stream is not None else "no text read in this epoch yet"
 
 
+@dataclass(frozen=True)
+class BatchLayout:
+    """Where one process's micro-batches sit in the run's sequence of blocks: step ``s`` is the ``blocks_per_step``
+    blocks from ``s · blocks_per_step``; its micro-batch ``j`` on process ``rank`` of ``processes`` is the step's rows
+    ``(j · processes + rank) · batch_size`` … +``batch_size`` (rows of a micro-batch consecutive, processes
+    interleaved), for ``j`` < ``accum``. Independent of the process count: the same step is the same blocks."""
+
+    blocks_per_step: int
+    batch_size: int
+    accum: int
+    processes: int
+    rank: int
+
+    def offset(self, micro: int) -> int:
+        """First row of micro-batch ``micro`` within its step."""
+        return (micro * self.processes + self.rank) * self.batch_size
+
+    def first_block(self, item: int) -> int:
+        """Run-wide index of the first block of this process's ``item``-th micro-batch (step ``item // accum``)."""
+        step, micro = divmod(item, self.accum)
+        return step * self.blocks_per_step + self.offset(micro)
+
+
+def onthefly_micro_batches(
+    blocks: PackedBlocks, masker: MlmMasker, layout: BatchLayout
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One step of the on-the-fly path: pack the step's blocks (every process packs all of them) and keep this
+    process's ``layout.accum`` micro-batches, each (input_ids (b, L), labels (b, L)) int64 on the CPU."""
+    first, packed = blocks.take(layout.blocks_per_step)
+    micro = []
+    for j in range(layout.accum):
+        start = layout.offset(j)
+        inputs, labels = masker(packed[start : start + layout.batch_size], first + start)
+        micro.append((torch.from_numpy(inputs), torch.from_numpy(labels)))
+    return micro
+
+
 class MlmMasker:
     """BERT masking of packed blocks; deterministic per block (its RNG is seeded by (seed, block index)), so the same
     block gets the same mask whatever the process count, the resume point or the order blocks are masked in."""
@@ -410,6 +466,55 @@ class MlmMasker:
             randomised = chosen[(draw >= MASK_FRACTION) & (draw < MASK_FRACTION + RANDOM_FRACTION)]
             inputs[row, randomised] = rng.choice(self.replacements, size=len(randomised))
         return inputs, labels
+
+
+class ShardMicroBatches(Dataset):
+    """One process's micro-batches read from a pre-tokenised folder. Item ``k`` is micro-batch ``k mod A`` of step
+    ``k // A`` of ``layout``: (input_ids (b, L), labels (b, L)) int64 tensors, masked like any block of that run-wide index. Only
+    its own ``b`` rows are read (one Arrow ``take``), so processes never read each other's data."""
+
+    def __init__(self, shards: PackedBlockShards, order: BlockOrder, masker: MlmMasker, layout: BatchLayout) -> None:
+        self.shards = shards
+        self.order = order
+        self.masker = masker
+        self.layout = layout
+
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, torch.Tensor]:
+        first = self.layout.first_block(item)
+        blocks = self.shards.take(self.order(np.arange(first, first + self.layout.batch_size)))  # (b, L)
+        inputs, labels = self.masker(blocks, first)
+        return torch.from_numpy(inputs), torch.from_numpy(labels)
+
+
+def shard_loader(
+    micro_batches: ShardMicroBatches, items: range, num_workers: int, pin_memory: bool = False
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The micro-batches ``items`` of ``micro_batches`` in order, read and masked by ``num_workers`` DataLoader workers
+    ahead of the step (0: in this process)."""
+    loader = DataLoader(micro_batches, batch_size=None, sampler=items, num_workers=num_workers, pin_memory=pin_memory)
+    return iter(loader)
+
+
+def open_pretokenized(cfg: Phase1Config, tokenizer: PreTrainedTokenizerBase) -> PackedBlockShards:
+    """The folder of config key ``pretokenized``, checked against the config: a folder built from other data, another
+    tokenizer or other packing would silently train on something else, so any difference is a ConfigError."""
+    folder = Path(expand_path(cfg.pretokenized))
+    shards = PackedBlockShards(folder)
+    manifest = shards.manifest
+    where = f"the pre-tokenised folder {folder} (config key 'pretokenized')"
+    if manifest["tokenizer_sha256"] != tokenizer_hash(tokenizer):
+        raise ConfigError(f"config key 'tokenizer'={cfg.tokenizer!r} is not the tokenizer {where} was built with")
+    built = {key: manifest[key] for key in ("seq_len", "seed", "min_chars", "max_chars", "dedup")}
+    built["data"] = [{k: source[k] for k in ("spec", "weight", "text_field")} for source in manifest["sources"]]
+    wanted = {key: getattr(cfg, key) for key in built if key != "data"}
+    wanted["data"] = [dataclasses.asdict(source) for source in cfg.sources()]
+    for key, value in built.items():
+        if wanted[key] != value:
+            raise ConfigError(
+                f"config key {key!r}={wanted[key]!r} differs from {where}, built with {value!r}: set it to match or "
+                f"rebuild the folder with python -m train.pretokenize"
+            )
+    return shards
 
 
 def load_tokenizer(path: str, model_config: ChromaMoeConfig) -> PreTrainedTokenizerBase:
@@ -490,17 +595,24 @@ class Phase1Trainer:
         )
         accelerator.gradient_accumulation_steps = self.accum
         self.blocks_per_step = cfg.global_batch_tokens // cfg.seq_len
+        self.layout = BatchLayout(self.blocks_per_step, cfg.per_device_batch_size, self.accum,
+                                  accelerator.num_processes, accelerator.process_index)  # fmt: skip
         self.moe_config = cfg.model_config()
         self.tokenizer = load_tokenizer(cfg.tokenizer, self.moe_config)
-        sources = cfg.sources()
-        stream_options = {"min_chars": cfg.min_chars, "max_chars": cfg.max_chars, "dedup": cfg.dedup}
-        self.blocks = PackedBlocks(
-            lambda epoch: build_text_stream(sources, seed=cfg.seed + epoch, **stream_options),
-            self.tokenizer,
-            cfg.seq_len,
-            verbose=accelerator.is_main_process,
-        )
-        self.blocks.make_stream(0)  # fail now, not after model building, on a missing file or bad spec
+        self.blocks: PackedBlocks | None = None  # the on-the-fly path
+        self.shards: PackedBlockShards | None = None  # the pre-tokenised path
+        if cfg.pretokenized is None:
+            sources = cfg.sources()
+            stream_options = {"min_chars": cfg.min_chars, "max_chars": cfg.max_chars, "dedup": cfg.dedup}
+            self.blocks = PackedBlocks(
+                lambda epoch: build_text_stream(sources, seed=cfg.seed + epoch, **stream_options),
+                self.tokenizer,
+                cfg.seq_len,
+                verbose=accelerator.is_main_process,
+            )
+            self.blocks.make_stream(0)  # fail now, not after model building, on a missing file or bad spec
+        else:
+            self.shards = open_pretokenized(cfg, self.tokenizer)
         self.masker = MlmMasker(self.tokenizer, cfg.mlm_probability, cfg.span_masking, cfg.seed)
 
         resume_from = resolve_resume(
@@ -521,17 +633,55 @@ class Phase1Trainer:
         self.last_checkpoint: Path | None = None
         if resume_from is not None:
             load_checkpoint(self.acc, resume_from)
-            self.blocks.load_state_dict(state["data"], np.load(resume_from / DATA_BUFFER_FILE))
             self.start_step = state["step"]
+            self._load_data_position(state["data"], resume_from)
             self.last_checkpoint = resume_from
             self._info(f"resumed from {resume_from} at step {self.start_step}")
         self._heatmap_counts: torch.Tensor | None = None
         self._heatmap_from = self.start_step
         self._losses: list[float] = []
         self._learning_rates: list[float] = []
-        self._first_block = self.blocks.blocks_emitted
+        self._first_block = (
+            self.blocks.blocks_emitted if self.blocks is not None else self.start_step * self.blocks_per_step
+        )
+        self._shard_batches = self._shard_loader() if self.shards is not None else None
 
     # ---- setup --------------------------------------------------------------------------------------------------
+
+    def _shard_loader(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        acc, cfg = self.acc, self.cfg
+        order = BlockOrder(len(self.shards), cfg.seed)
+        micro_batches = ShardMicroBatches(self.shards, order, self.masker, self.layout)
+        items = range(self.start_step * self.accum, cfg.max_steps * self.accum)
+        return shard_loader(micro_batches, items, cfg.dataloader_num_workers, pin_memory=acc.device.type == "cuda")
+
+    def _data_position(self, step: int) -> tuple[dict[str, Any], np.ndarray | None]:
+        """(JSON-able data position after ``step`` steps, the on-the-fly path's unread tokens or None). From shards the
+        position is the step itself; the folder's identity is kept to refuse a resume from other blocks."""
+        if self.blocks is not None:
+            return self.blocks.state_dict()
+        manifest = self.shards.manifest
+        position = {"pretokenized_blocks": manifest["blocks"], "tokenizer_sha256": manifest["tokenizer_sha256"],
+                    "blocks_read": step * self.blocks_per_step}  # fmt: skip
+        return position, None
+
+    def _load_data_position(self, position: Mapping[str, Any], checkpoint: Path) -> None:
+        from_shards = "pretokenized_blocks" in position
+        if from_shards != (self.shards is not None):
+            written, wanted = ("pre-tokenised", "on-the-fly") if from_shards else ("on-the-fly", "pre-tokenised")
+            raise ConfigError(
+                f"config key 'pretokenized'={self.cfg.pretokenized!r}: {checkpoint} was written from {written} data, "
+                f"this run reads {wanted} data: resume with the setting the run started with"
+            )
+        if self.blocks is not None:
+            self.blocks.load_state_dict(position, np.load(checkpoint / DATA_BUFFER_FILE))
+            return
+        expected, _ = self._data_position(self.start_step)
+        if dict(position) != expected:
+            raise ConfigError(
+                f"config key 'pretokenized'={self.cfg.pretokenized!r}: {checkpoint} read other blocks "
+                f"(data position {dict(position)}, this folder and step give {expected})"
+            )
 
     def _info(self, message: str) -> None:
         if self.acc.is_main_process:
@@ -560,15 +710,14 @@ class Phase1Trainer:
     # ---- one step ------------------------------------------------------------------------------------------------
 
     def next_batch(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This process's micro-batches of the next step: micro-batch j takes global rows (j·P + rank)·b … +b."""
-        first, blocks = self.blocks.take(self.blocks_per_step)
-        size, processes, rank = self.cfg.per_device_batch_size, self.acc.num_processes, self.acc.process_index
-        micro = []
-        for j in range(self.accum):
-            start = (j * processes + rank) * size
-            inputs, labels = self.masker(blocks[start : start + size], first + start)
-            micro.append((torch.from_numpy(inputs).to(self.acc.device), torch.from_numpy(labels).to(self.acc.device)))
-        return micro
+        """This process's ``accum`` micro-batches of the next step, each (input_ids (b, L), labels (b, L)) on the
+        device, placed by ``self.layout``."""
+        if self.shards is not None:
+            micro = [next(self._shard_batches) for _ in range(self.accum)]
+        else:
+            micro = onthefly_micro_batches(self.blocks, self.masker, self.layout)
+        device = self.acc.device
+        return [(ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)) for ids, labels in micro]
 
     def train_step(self, step: int, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepStats:
         """Forward/backward every micro-batch, then one clipped optimizer step.
@@ -693,13 +842,14 @@ class Phase1Trainer:
     # ---- checkpoints and logs ------------------------------------------------------------------------------------
 
     def save(self, step: int) -> None:
-        position, buffer = self.blocks.state_dict()
+        position, buffer = self._data_position(step)
         state = {"step": step, "upcycled": self.upcycled, "upcycle": self.upcycle, "data": position,
                  "config": dataclasses.asdict(self.cfg)}  # fmt: skip
         counts, layers, span = self._heatmap_counts, self.moe_layers(), (self._heatmap_from, step)
 
         def extras(folder: Path) -> None:
-            np.save(folder / DATA_BUFFER_FILE, buffer)
+            if buffer is not None:
+                np.save(folder / DATA_BUFFER_FILE, buffer)
             if counts is not None:
                 title = f"expert-load share, steps {span[0] + 1}-{span[1]}"
                 save_routing_heatmap(counts, layers, folder / HEATMAP_FILE, title)
@@ -789,10 +939,16 @@ class Phase1Trainer:
             if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
                 self.save(done)
         bar.close()
-        self._info(f"data filters, current epoch {self.blocks.epoch}: {self.blocks.filter_summary()}")
+        if self.blocks is not None:
+            self._info(f"data filters, current epoch {self.blocks.epoch}: {self.blocks.filter_summary()}")
+        else:
+            self._info(f"pre-tokenised data {self.cfg.pretokenized}: texts {self.shards.manifest['texts']}")
         final = self.save_final()
         steps_run = len(self._losses)
-        blocks_read = self.blocks.blocks_emitted - self._first_block
+        if self.blocks is not None:
+            blocks_read = self.blocks.blocks_emitted - self._first_block
+        else:
+            blocks_read = steps_run * self.blocks_per_step
         return Phase1Result(
             first_step=self.start_step,
             losses=self._losses,
