@@ -263,6 +263,25 @@ def test_query_pooling_mask_leaves_out_the_instruction(workspace):
     assert torch.equal(batch.positives["pooling_mask"], batch.positives["attention_mask"])  # documents: no instruction
 
 
+def train_crashing_in_step_3(monkeypatch, workspace, output, *overrides):
+    """Start a tiny phase-2 run into `output` and crash it in step 3, after its step-2 checkpoint."""
+    import train.phase2 as phase2
+
+    calls = {"n": 0}
+    real_step = phase2.grad_cache_step
+
+    def crash_in_step_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(phase2, "grad_cache_step", crash_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        phase2.train(tiny_config(workspace, output, *overrides))
+    monkeypatch.setattr(phase2, "grad_cache_step", real_step)
+
+
 def test_resume_equals_one_run_and_final_folder_loads(workspace, tmp_path, monkeypatch):
     """One uninterrupted run of 4 steps vs a run that crashes in step 3 (after the step-2 checkpoint) and resumes: same
     losses, temperatures and final weights. The final folder loads with SentenceTransformer, embeds queries exactly
@@ -275,19 +294,7 @@ def test_resume_equals_one_run_and_final_folder_loads(workspace, tmp_path, monke
     expected = read_log(full)
 
     crashed = tmp_path / "crashed"
-    calls = {"n": 0}
-    real_step = phase2.grad_cache_step
-
-    def crash_in_step_3(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("simulated crash")
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(phase2, "grad_cache_step", crash_in_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        phase2.train(tiny_config(workspace, crashed))
-    monkeypatch.setattr(phase2, "grad_cache_step", real_step)
+    train_crashing_in_step_3(monkeypatch, workspace, crashed)
     with pytest.raises(Exception, match="pass --resume"):
         phase2.train(tiny_config(workspace, crashed))
     with pytest.raises(Exception, match="changed since it was written"):

