@@ -25,6 +25,7 @@ from train.data import (
     load_pair_dataset,
     load_text_dataset,
     mix_text_datasets,
+    split_beir_queries,
     split_query_ids,
     write_heldout_beir,
 )
@@ -708,3 +709,38 @@ def test_shared_finance_dev_split(tmp_path):
     held = load_beir(write_heldout_beir(tatqa, tmp_path / "tatqa_heldout"))
     assert len(train) > 1000 and len(held.query_ids) > 200
     assert set(held.query_texts).isdisjoint(train["query"])  # no held-out question text is trained on
+
+
+def test_split_groups_queries_that_share_a_relevant_document():
+    """Translations of one sentence (or questions on one table) share their relevant document: they land on one side,
+    so a held-out query's answer is never a training positive; unrelated queries still split by the fraction."""
+    queries, relevant = {}, {}
+    for sentence in range(300):
+        for lang in ("de", "fr", "ja"):
+            queries[f"{lang}-{sentence}"] = f"{lang} sentence {sentence}"
+            relevant[f"{lang}-{sentence}"] = [f"en-{sentence}"]
+    train, heldout = split_query_ids(queries, train_fraction=0.8, seed=0, relevant=relevant)
+    side = {query_id: "train" for query_id in train} | {query_id: "heldout" for query_id in heldout}
+    for sentence in range(300):
+        assert side[f"de-{sentence}"] == side[f"fr-{sentence}"] == side[f"ja-{sentence}"]
+    assert abs(len(train) / len(queries) - 0.8) < 0.06
+    ungrouped_train, _ = split_query_ids(queries, train_fraction=0.8, seed=0)
+    assert ungrouped_train != train  # without `relevant` the translations scatter over both sides
+    # A chain q0 -d1- q1 -d2- q2 is one group, keyed by its smallest document.
+    chain = {"q0": "a", "q1": "b", "q2": "c"}
+    links = {"q0": ["d1"], "q1": ["d1", "d2"], "q2": ["d2"]}
+    for seed in range(20):
+        chain_train, chain_heldout = split_query_ids(chain, train_fraction=0.5, seed=seed, relevant=links)
+        assert sorted(chain_train) == ["q0", "q1", "q2"] or sorted(chain_heldout) == ["q0", "q1", "q2"]
+
+
+def test_xling_heldout_targets_are_never_training_positives(tmp_path):
+    """On the shared cross-lingual set: no held-out query's English target is the positive of a training pair."""
+    folder = data.shared_data_dir() / "retrieval" / "stsb_xling_to_en_dev"
+    if not folder.is_dir():
+        pytest.skip(f"shared data not present at {folder}")
+    beir = load_beir(folder)
+    train, heldout = split_beir_queries(beir, 0.8, 0)
+    train_targets = {doc for qid in train for doc, grade in beir.qrels[qid].items() if grade > 0}
+    heldout_targets = {doc for qid in heldout for doc, grade in beir.qrels[qid].items() if grade > 0}
+    assert heldout and train_targets.isdisjoint(heldout_targets)

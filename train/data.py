@@ -771,25 +771,58 @@ def load_pair_dataset(
 
 
 def split_query_ids(
-    queries: Mapping[str, str], *, train_fraction: float = 0.8, seed: int = 0
+    queries: Mapping[str, str],
+    *,
+    train_fraction: float = 0.8,
+    seed: int = 0,
+    relevant: Mapping[str, Iterable[str]] | None = None,
 ) -> tuple[list[str], list[str]]:
     """Deterministic query-level split of ``queries`` (id → text) into (train ids, held-out ids).
 
-    The side is set by a hash of ``seed`` and the query's normalised text (lower-cased, whitespace collapsed), not by
-    file order: queries with the same text (TAT-QA repeats generic questions across reports) always land on the same
-    side, so no held-out query text is ever trained on, and adding queries never moves existing ones.
+    Queries are grouped, and a group's side is set by a hash of ``seed`` and the group's key, not by file order:
+    queries with the same normalised text (lower-cased, whitespace collapsed; TAT-QA repeats generic questions across
+    reports) form one group, and with ``relevant`` (query id → its relevant document ids) so do queries that share a
+    relevant document, transitively (the translations of one sentence in a cross-lingual set, the questions on one
+    table): no held-out query's answer is ever trained on through another query. A group's key is its smallest
+    document id when it has documents, else its text, so without shared documents adding queries never moves
+    existing ones.
+
+    Raises:
+        ValueError: ``train_fraction`` not strictly between 0 and 1.
     """
     if not 0.0 < train_fraction < 1.0:
         raise ValueError(f"train_fraction is {train_fraction}: it must be strictly between 0 and 1")
+    parent: dict[str, str] = {}
+
+    def find(node: str) -> str:
+        while parent.setdefault(node, node) != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    def union(a: str, b: str) -> None:
+        roots = sorted((find(a), find(b)))  # "d:" < "t:": a group with a document is keyed by its smallest one
+        parent[roots[1]] = roots[0]
+
+    node_of = {query_id: "t:" + " ".join(text.lower().split()) for query_id, text in queries.items()}
+    for query_id, node in node_of.items():
+        for doc_id in (relevant or {}).get(query_id, ()):
+            union(node, f"d:{doc_id}")
     train, heldout = [], []
-    for query_id, text in queries.items():
-        unit = _text_hash(f"{seed}:{' '.join(text.lower().split())}") / 2.0**64
+    for query_id, node in node_of.items():
+        key = find(node)
+        unit = _text_hash(f"{seed}:{key[2:]}" if key.startswith("t:") else f"{seed}:doc:{key[2:]}") / 2.0**64
         (train if unit < train_fraction else heldout).append(query_id)
     return train, heldout
 
 
-def _beir_split(beir: RetrievalSet, train_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    return split_query_ids(dict(zip(beir.query_ids, beir.query_texts)), train_fraction=train_fraction, seed=seed)
+def split_beir_queries(beir: RetrievalSet, train_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(train ids, held-out ids) of a retrieval set's judged queries: ``split_query_ids`` grouped by relevant
+    document, the one split that phase 2's pairs, its dev set and ``write_heldout_beir`` all use."""
+    relevant = {query_id: [doc for doc, grade in grades.items() if grade > 0] for query_id, grades in beir.qrels.items()}
+    return split_query_ids(
+        dict(zip(beir.query_ids, beir.query_texts)), train_fraction=train_fraction, seed=seed, relevant=relevant
+    )
 
 
 def build_pair_dataset_from_beir(
@@ -814,7 +847,7 @@ def build_pair_dataset_from_beir(
     beir = load_beir(beir_dir)
     documents = dict(zip(beir.doc_ids, beir.doc_texts))
     queries = dict(zip(beir.query_ids, beir.query_texts))
-    train_ids, heldout_ids = _beir_split(beir, train_fraction, seed)
+    train_ids, heldout_ids = split_beir_queries(beir, train_fraction, seed)
     chosen = {"train": train_ids, "heldout": heldout_ids, "all": beir.query_ids}[split_queries]
     records = []
     for query_id in chosen:
@@ -835,7 +868,7 @@ def write_heldout_beir(
     and ``seed`` as a BEIR folder (full corpus, held-out queries and their qrels) for evaluation. Query lines are
     copied unchanged, so extra fields survive."""
     source, target = Path(beir_dir), Path(out_dir)
-    keep = set(_beir_split(load_beir(source), train_fraction, seed)[1])
+    keep = set(split_beir_queries(load_beir(source), train_fraction, seed)[1])
     (target / "qrels").mkdir(parents=True, exist_ok=True)
     (target / "corpus.jsonl").write_bytes((source / "corpus.jsonl").read_bytes())
     write_jsonl(

@@ -72,7 +72,7 @@ from train.common import (
 )
 from train.contrastive import ContrastiveBatch, InfoNCELoss, grad_cache_step
 from train.distill import ChromaMoeDistillation
-from train.data import INSTRUCTIONS, build_pair_dataset_from_beir, format_query, load_pair_dataset, split_query_ids
+from train.data import INSTRUCTIONS, build_pair_dataset_from_beir, format_query, load_pair_dataset, split_beir_queries
 from train.pair_stream import (
     BATCH_SAMPLING,
     PAIRS_DIR,
@@ -105,7 +105,7 @@ class Phase2Config:
         output_dir: Where `logs/`, `checkpoints/`, `train_log.jsonl` and `final/` go.
         train_sources: A list of `{path: PAIRS.jsonl | HUB_ID[:CONFIG[:SPLIT]], task, max_pairs}` (read by
             `train.data.load_pair_dataset`) or `{beir: BEIR_DIR, task, max_pairs}` (pairs of the folder's queries on the
-            *train* side of `train.data.split_query_ids(split_fraction, split_seed)`; `dev_beir` evaluates the held-out
+            *train* side of `train.data.split_beir_queries(split_fraction, split_seed)`; `dev_beir` evaluates the held-out
             side of the same split, so no dev query is trained on). `task` picks the instruction
             (`train.data.INSTRUCTIONS`); `max_pairs` keeps a seeded random subset. `$CHROMA_SHARED_DATA` expands.
         init_from: A phase-1 folder (`ChromaMoeForMaskedLM` or `ChromaMoeForEmbedding`; an MLM checkpoint gets a fresh
@@ -366,8 +366,7 @@ def load_dev_set(config: Phase2Config) -> RetrievalSet:
     """The held-out side of `dev_beir`'s query split, capped to `dev_max_queries` queries and a corpus of every document
     they judge plus seeded random distractors up to `dev_max_documents`, when those are set."""
     full = load_beir(expand_path(config.dev_beir))
-    queries_by_id = dict(zip(full.query_ids, full.query_texts))
-    _, heldout = split_query_ids(queries_by_id, train_fraction=config.split_fraction, seed=config.split_seed)
+    _, heldout = split_beir_queries(full, config.split_fraction, config.split_seed)
     rng = random.Random(config.seed)
     if config.dev_max_queries is not None and len(heldout) > config.dev_max_queries:
         heldout = rng.sample(heldout, config.dev_max_queries)
