@@ -8,10 +8,13 @@ WordPiece gives them. Shorter sequences mean cheaper attention and embeddings th
 Conventions (RoBERTa's, Liu et al. 2019, which the model config mirrors): ``<s>``=0, ``<pad>``=1, ``</s>``=2,
 ``<unk>``=3, ``<mask>``=4; a sequence is ``<s> A </s>`` and a pair ``<s> A </s></s> B </s>``.
 
-Text handling: NFKC folds compatibility forms (full-width letters, ligatures) into one spelling, and leading whitespace
-is stripped. Every text then gets one prefix space, so a word has the same token at the start of a text as in the
-middle; short shopping queries ("hdmi cable") would otherwise put their key term in a rarer space-less variant. The
-decoder removes that prefix space again, so ``decode(encode(text)) == NFKC(text).lstrip()``.
+Text handling: NFKC folds compatibility forms (full-width letters, ligatures) into one spelling, a run of spaces
+becomes one space (table cells "|  |" and "$  1,452" would otherwise cost a lone-space token each), a space is put
+after every newline followed by text, and leading whitespace is stripped. Every text then gets one prefix space. So a
+word has the same token at the start of a text or a line as in the middle: short shopping queries ("hdmi cable") and
+table row labels would otherwise put their key term in a rarer space-less variant, and a table's cell separator " |"
+is one piece BPE can merge. The decoder removes the prefix space and the space after each newline again, so
+``decode(encode(text))`` is ``NFKC(text).lstrip()`` with runs of spaces as one (and no space right after a newline).
 
 Pre-tokenization (the pieces BPE may merge within): GPT-2's regex cuts letters from digits and from punctuation, so
 "10-K", "S&P", "USB-C" or "3.5mm" could never become one token however frequent. ``WORD_PATTERN`` keeps the GPT-2
@@ -38,7 +41,9 @@ never saw.
 Usage::
 
     python -m tokenization.train --output DIR --input a.jsonl b.txt --weights 2 1 --max-texts 100000
-    python -m tokenization.train --output DIR --config tokenization/configs/multilingual.yaml
+    python -m tokenization.train --output DIR --config tokenization/configs/seed_mix.yaml
+    python -m tokenization.train --output DIR --vocab-size 32000 --exclude-heldout --input pairs.jsonl sts_train.tsv \\
+        beir_folder/corpus.jsonl --language-alpha 0.3 --seed 0
 """
 
 from __future__ import annotations
