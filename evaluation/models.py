@@ -232,7 +232,7 @@ def rrf_fuse(
     from numba.core.errors import NumbaTypeSafetyWarning
 
     runs = [
-        ranx.Run({qid: {doc: float(len(ranked) - rank) for rank, doc in enumerate(ranked)} for qid, ranked in zip(query_ids, r)})
+        ranx.Run({qid: {doc: float(len(ids) - rank) for rank, doc in enumerate(ids)} for qid, ids in zip(query_ids, r)})
         for r in rankings
     ]
     with warnings.catch_warnings():

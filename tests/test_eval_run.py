@@ -27,7 +27,7 @@ def beir_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         {"_id": "p4", "title": "hdmi cable", "text": "cable"},
         {"_id": "p5", "title": "usb charger", "text": "phone charger"},
     ]
-    queries = [{"_id": "q1", "text": "red shoes"}, {"_id": "q2", "text": "phone charger"}, {"_id": "q3", "text": "cable"}]
+    queries = [{"_id": q, "text": text} for q, text in (("q1", "red shoes"), ("q2", "phone charger"), ("q3", "cable"))]
     qrels = [("q1", "p1", 3), ("q1", "p2", 2), ("q1", "p3", 0), ("q2", "p5", 3), ("q2", "p3", 1), ("q3", "p4", 3)]
     return write_beir(tmp_path_factory.mktemp("data") / "shop", corpus, queries, qrels)
 
@@ -125,7 +125,8 @@ def test_hybrid_loads_minilm_and_skips_embedding_tasks(tmp_path: Path) -> None:
          "--model bm25+bm25: expected 'bm25', 'minilm', a sentence-transformers folder, or 'bm25+' and 'minilm' or "
          "a folder; 'bm25' is not a folder"),
         (["bm25", "{beir}", "{beir}/"], ["beir:{beir}"], "--model {beir} given twice"),
-        (["bm25"], ["beir:{beir}", "esci:nowhere/shop"], "--task esci:nowhere/shop: nowhere/shop: BEIR folder not found"),
+        (["bm25"], ["beir:{beir}", "esci:nowhere/shop"],
+         "--task esci:nowhere/shop: nowhere/shop: BEIR folder not found"),
         (["bm25"], ["beir:{beir}", "bogus:x"], "--task bogus:x: expected KIND:TARGET with KIND one of beir, esci, sts, "
          "probe, mteb"),
     ],

@@ -246,7 +246,8 @@ TABLE = "Revenue | 2019 | 2018\nCost of sales | $  1,452.4 | $  1,146.2\nOther |
 
 
 def _synthetic_pool() -> dict[str, list[str]]:
-    return {"en": [f"en {i}" for i in range(1000)], "de": [f"de {i}" for i in range(100)], "ja": [f"ja {i}" for i in range(10)]}
+    sizes = {"en": 1000, "de": 100, "ja": 10}
+    return {language: [f"{language} {i}" for i in range(size)] for language, size in sizes.items()}
 
 
 def test_language_counts_follow_alpha() -> None:
@@ -287,8 +288,11 @@ def test_reads_pairs_beir_and_sts_with_their_languages(tmp_path: Path) -> None:
         [{"_id": kept, "title": "Sales", "text": "a | b", "type": "table"}, {"_id": held, "title": "", "text": "x"}],
     )
     sts = tmp_path / "sts.tsv"
-    sts.write_text("lang\tpair_id\tsentence1\tsentence2\tscore\nzh\tdev-0\t一个人\t两个人\t1.0\n", encoding="utf-8")
-    rows = lambda spec, **kw: [(row["text"], row["lang"]) for row in read_language_texts(str(spec), **kw)]  # noqa: E731
+    sts.write_text("lang\tpair_id\tsentence1\tsentence2\tscore\nzh\tdev-0\t一个人\t两个人\t1.0\n", "utf-8")
+
+    def rows(spec: Path, **options: object) -> list[tuple[str, str]]:
+        return [(row["text"], row["lang"]) for row in read_language_texts(str(spec), **options)]
+
     assert not is_held_out(kept)
     assert rows(pairs) == [
         ("A plane takes off.", "en"), ("Ein Flugzeug hebt ab.", "de"), ("Ein Hund.", "de"), ("q", "en"), ("p", "en")
@@ -301,8 +305,9 @@ def test_reads_pairs_beir_and_sts_with_their_languages(tmp_path: Path) -> None:
 def test_cli_balances_languages_and_excludes_heldout(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     texts = _write_jsonl(
         tmp_path / "mixed.jsonl",
-        [{"text": f"english text {i}"} for i in range(40)] + [{"text": f"deutscher Text {i}", "lang": "de"} for i in range(4)],
-    )  # fmt: skip
+        [{"text": f"english text {i}"} for i in range(40)]
+        + [{"text": f"deutscher Text {i}", "lang": "de"} for i in range(4)],
+    )
     held = [f"doc{i}" for i in range(40) if is_held_out(f"doc{i}")]
     corpus = _write_jsonl(tmp_path / "corpus.jsonl", [{"_id": f"doc{i}", "text": f"table {i} | 1"} for i in range(40)])
     argv = ["--output", str(tmp_path / "out"), "--vocab-size", "300", "--input", str(texts), str(corpus)]
@@ -311,7 +316,8 @@ def test_cli_balances_languages_and_excludes_heldout(tmp_path: Path, caplog: pyt
     english = 80 - len(held)
     expected = language_sample_counts({"de": 4, "en": english}, 0.5, english + 4)
     assert f"corpus.jsonl: {len(held)} held-out documents skipped" in caplog.text
-    assert f"languages at alpha 0.5 (texts -> drawn): de 4 -> {expected['de']}, en {english} -> {expected['en']}" in caplog.text
+    drawn = f"de 4 -> {expected['de']}, en {english} -> {expected['en']}"
+    assert f"languages at alpha 0.5 (texts -> drawn): {drawn}" in caplog.text
     assert expected["de"] > 4  # the small language is repeated
     with pytest.raises(ValueError, match=r"language_alpha=1\.5 must be in \(0, 1\]"):
         main([*argv, "--language-alpha", "1.5"])

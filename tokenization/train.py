@@ -22,17 +22,17 @@ classes (contractions, an optional leading space with a run of letters/digits, p
 letters and digits join across ``- / . , &`` inside a word; a trailing "." or "," stays separate.
 
 Training text (``read_language_texts``): every input is read as the kind of text the model will embed, each text
-tagged with a language. A ``.jsonl`` record is a pair (``query``, ``positive``, ``negatives``: the positive and negatives
-are in ``lang``, the query in ``query_lang``, both defaulting to ``--default-language``; the shared bitext file pairs
-English queries with translations), or a text (``--text-field``, default ``text``, after the ``title`` when there is
-one, as ``evaluation`` reads a BEIR document) in ``lang``. A ``.tsv`` is an STS file (``sentence1``, ``sentence2``,
-``lang``). ``.txt``, ``.parquet`` and Hub datasets are in the default language. Exact repeats within a language are
-read once (the bitext file repeats each English query once per target language).
+tagged with a language. A ``.jsonl`` record is a pair (``query``, ``positive``, ``negatives``: the positive and
+negatives are in ``lang``, the query in ``query_lang``, both defaulting to ``--default-language``; the shared bitext
+file pairs English queries with translations), or a text (``--text-field``, default ``text``, after the ``title`` when
+there is one, as ``evaluation`` reads a BEIR document) in ``lang``. A ``.tsv`` is an STS file (``sentence1``,
+``sentence2``, ``lang``). ``.txt``, ``.parquet`` and Hub datasets are in the default language. Exact repeats within a
+language are read once (the bitext file repeats each English query once per target language).
 
 Language balance (``balance_languages``): the pool's languages are resampled to probabilities
-``q_l = n_l^α / Σ_k n_k^α`` (Conneau et al. 2020, XLM-R §3.1, α = 0.3; Lample & Conneau 2019), keeping the pool's size,
-so a language with few texts is repeated and a large one subsampled; α = 1 keeps the pool as read. Deterministic given
-``--seed``.
+``q_l = n_l^α / Σ_k n_k^α`` (Conneau et al. 2020, XLM-R §3.1, α = 0.3; Lample & Conneau 2019), keeping the pool's
+size, so a language with few texts is repeated and a large one subsampled; α = 1 keeps the pool as read.
+Deterministic given ``--seed``.
 
 Held-out documents (``is_held_out``): a fixed fifth of every BEIR corpus (by CRC-32 of ``_id``) that
 ``--exclude-heldout`` keeps out of training, so ``tokenization.report --heldout DIR`` measures on text the tokenizer
