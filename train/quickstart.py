@@ -54,11 +54,14 @@ DEFAULT_CONFIG = REPO_ROOT / "train" / "configs" / "quickstart.yaml"
 DEFAULT_DATA_DIR = REPO_ROOT / "data" / "sample"
 CONFIG_KEYS = ("tokenizer", "phase1", "phase2", "default_pair_task", "pair_tasks", "max_pairs_per_source",
                "retrieval_sets", "evaluation", "budget")  # fmt: skip
+TOKENIZER_KEYS = ("vocab_size", "language_alpha", "text")
+TOKENIZER_TEXT = ("raw", "pairs", "sts", "corpora")
+EVALUATION_KEYS = ("baselines", "untrained", "hybrid", "sts_pairs_per_language")
 BUDGET_KEYS = ("default_minutes", "phase1_share", "phase2_share", "phase1_steps_per_minute",
                "phase2_steps_per_minute", "warmup_fraction", "min_steps")  # fmt: skip
 EVAL_KINDS = ("beir", "esci")
 MODEL_LABELS = {"bm25": "bm25", "minilm": "all-MiniLM-L6-v2"}
-HEADLINE_METRICS = ("ndcg@10", "recall@100", "mrr@10")
+HEADLINE_METRICS = ("ndcg@10", "recall@100", "mrr@10", "spearman")
 
 T = TypeVar("T")
 
@@ -86,15 +89,20 @@ def load_quickstart_config(path: str | Path) -> dict[str, Any]:
     missing = sorted(set(CONFIG_KEYS) - set(config))
     if unknown or missing:
         raise ConfigError(f"{path}: unknown key(s) {unknown}, missing key(s) {missing}; expected {list(CONFIG_KEYS)}")
+    for section, keys in (("tokenizer", TOKENIZER_KEYS), ("evaluation", EVALUATION_KEYS), ("budget", BUDGET_KEYS)):
+        if not isinstance(config[section], dict) or sorted(config[section]) != sorted(keys):
+            raise ConfigError(f"{path}: '{section}' must have exactly the keys {list(keys)}, got {config[section]!r}")
+    text = config["tokenizer"]["text"]
+    if not isinstance(text, list) or not text or not set(text) <= set(TOKENIZER_TEXT):
+        raise ConfigError(f"{path}: tokenizer.text={text!r}: expected a non-empty list of {list(TOKENIZER_TEXT)}")
     budget = config["budget"]
-    if not isinstance(budget, dict) or sorted(budget) != sorted(BUDGET_KEYS):
-        raise ConfigError(f"{path}: 'budget' must have exactly the keys {list(BUDGET_KEYS)}, got {budget!r}")
     if budget["phase1_share"] + budget["phase2_share"] >= 1:
         raise ConfigError(f"{path}: budget.phase1_share + budget.phase2_share must leave time for evaluation (< 1)")
     for name, spec in config["retrieval_sets"].items():
-        if spec.get("task") not in INSTRUCTIONS or spec.get("kind", "beir") not in EVAL_KINDS:
+        if (spec.get("task") not in INSTRUCTIONS or spec.get("kind", "beir") not in EVAL_KINDS
+                or not isinstance(spec.get("tokenizer_text", True), bool)):  # fmt: skip
             raise ConfigError(f"{path}: retrieval_sets.{name}={spec!r}: task must be one of {sorted(INSTRUCTIONS)}, "
-                              f"kind one of {EVAL_KINDS}")  # fmt: skip
+                              f"kind one of {EVAL_KINDS}, tokenizer_text true or false")  # fmt: skip
     return config
 
 
@@ -111,6 +119,8 @@ class DataFolder:
     pairs: list[Path]
     dev_sets: list[Path]  # evaluated whole
     split_sets: list[Path] = field(default_factory=list)  # train side → pairs, held-out side → evaluated
+    sts_train: list[Path] = field(default_factory=list)  # sts/*train*.tsv: tokenizer text only
+    sts_dev: list[Path] = field(default_factory=list)  # sts/*dev*.tsv: evaluated (a seeded sample per language)
 
 
 def find_data(data_dir: str | Path) -> DataFolder:
@@ -126,6 +136,8 @@ def find_data(data_dir: str | Path) -> DataFolder:
         pairs=sorted(root.glob("pairs*.jsonl")) + sorted((root / "pairs").glob("*.jsonl")),
         dev_sets=[root / "dev"] if _is_beir(root / "dev") else [],
         split_sets=sorted(d for d in retrieval.iterdir() if _is_beir(d)) if retrieval.is_dir() else [],
+        sts_train=sorted((root / "sts").glob("*train*.tsv")),
+        sts_dev=sorted((root / "sts").glob("*dev*.tsv")),
     )
     problems = [
         what
@@ -185,10 +197,12 @@ def pair_sources(pair_files: list[Path], config: Mapping[str, Any], work_dir: Pa
     return sources
 
 
-def retrieval_spec(config: Mapping[str, Any], folder: Path) -> dict[str, str]:
-    """The task and evaluation kind of a ``retrieval/<name>/`` set (unknown names: passage retrieval, ``beir``)."""
+def retrieval_spec(config: Mapping[str, Any], folder: Path) -> dict[str, Any]:
+    """The task, evaluation kind and whether the corpus is tokenizer text, of a ``retrieval/<name>/`` set (unknown
+    names: passage retrieval, ``beir``, tokenizer text)."""
     spec = config["retrieval_sets"].get(folder.name, {})
-    return {"task": spec.get("task", config["default_pair_task"]), "kind": spec.get("kind", "beir")}
+    return {"task": spec.get("task", config["default_pair_task"]), "kind": spec.get("kind", "beir"),
+            "tokenizer_text": spec.get("tokenizer_text", True)}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -269,13 +283,30 @@ def run_stage(index: int, total: int, name: str, rerun: str | None, body: Callab
     return result
 
 
-def train_tokenizer(raw_files: list[Path], vocab_size: int, output: Path) -> int:
-    """``python -m tokenization.train`` on the raw files; returns the tokenizer's real size (the model's vocab_size)."""
+def tokenizer_inputs(config: Mapping[str, Any], data: DataFolder) -> list[Path]:
+    """The kinds of text named in ``tokenizer.text``, each file read with its languages by ``tokenization.train``:
+    ``raw`` text, both sides of the ``pairs`` files, the ``sts`` train sentences and the retrieval ``corpora`` (their
+    held-out fifth left out by ``--exclude-heldout``, so the fertility report has unseen tables and paragraphs to
+    measure) of every set not marked ``tokenizer_text: false``."""
+    split_sets = [folder for folder in data.split_sets if retrieval_spec(config, folder)["tokenizer_text"]]
+    kinds = {
+        "raw": data.raw, "pairs": data.pairs, "sts": data.sts_train,
+        "corpora": [folder / "corpus.jsonl" for folder in data.dev_sets + split_sets],
+    }  # fmt: skip
+    return [path for kind in config["tokenizer"]["text"] for path in kinds[kind]]
+
+
+def train_tokenizer(inputs: list[Path], tokenizer_config: Mapping[str, Any], output: Path) -> int:
+    """``python -m tokenization.train`` on ``inputs``, languages balanced with ``language_alpha``; returns the
+    tokenizer's real size (the model's vocab_size)."""
     from transformers import AutoTokenizer
 
     from tokenization import train as tokenization_train
 
-    tokenization_train.main(["--output", str(output), "--vocab-size", str(vocab_size), "--input", *map(str, raw_files)])
+    tokenization_train.main([
+        "--output", str(output), "--vocab-size", str(tokenizer_config["vocab_size"]),
+        "--language-alpha", str(tokenizer_config["language_alpha"]), "--exclude-heldout", "--input", *map(str, inputs),
+    ])  # fmt: skip
     return len(AutoTokenizer.from_pretrained(output))
 
 
@@ -323,7 +354,30 @@ def eval_tasks(config: Mapping[str, Any], data: DataFolder, phase2_raw: Mapping[
             train_fraction=phase2_raw["split_fraction"], seed=phase2_raw["split_seed"],
         )  # fmt: skip
         tasks.append(f"{retrieval_spec(config, folder)['kind']}:{heldout}")
+    per_language = config["evaluation"]["sts_pairs_per_language"]
+    for path in data.sts_dev:
+        tasks.append(f"sts:{sample_sts(path, per_language, out / 'data' / 'heldout' / path.name)}")
     return tasks
+
+
+def sample_sts(path: Path, pairs_per_language: int, target: Path) -> Path:
+    """The lines of ``path`` (STS tsv with a ``pair_id`` column) whose ``pair_id`` is among the first
+    ``pairs_per_language`` by a stable hash: the same pairs in every language, a fixed sample that keeps the
+    per-language Spearman comparable while costing a fraction of the whole file's encodes. Lines are copied as is."""
+    import hashlib
+
+    header, *lines = path.read_text(encoding="utf-8").splitlines()
+    columns = header.split("\t")
+    if "pair_id" not in columns:
+        raise ValueError(f"{path}: no 'pair_id' column to sample the same pairs in every language (columns {columns})")
+    column = columns.index("pair_id")
+    pair_ids = [line.split("\t")[column] if line.strip() else None for line in lines]
+    ranked = sorted({p for p in pair_ids if p is not None}, key=lambda p: hashlib.sha256(p.encode()).digest())
+    kept = set(ranked[:pairs_per_language])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    chosen = [line for line, pair_id in zip(lines, pair_ids) if pair_id in kept]
+    target.write_text("\n".join([header, *chosen]) + "\n", encoding="utf-8")
+    return target
 
 
 def evaluate(models: list[str], tasks: list[str], out: Path) -> dict[str, Any]:
@@ -400,7 +454,7 @@ def quickstart(output: str | Path, data_dir: str | Path, budget_minutes: float |
 
     vocab_size = timed(
         "tokenizer", 1, f"python -m tokenization.train --output {paths['tokenizer']} --input ...",
-        lambda: train_tokenizer(data.raw, config["tokenizer"]["vocab_size"], paths["tokenizer"]),
+        lambda: train_tokenizer(tokenizer_inputs(config, data), config["tokenizer"], paths["tokenizer"]),
     )  # fmt: skip
     phase1_raw = phase1_config(config, data, paths["tokenizer"], vocab_size, out, minutes)
     write_yaml(phase1_raw, paths["phase1_config"])
@@ -420,6 +474,8 @@ def quickstart(output: str | Path, data_dir: str | Path, budget_minutes: float |
     if config["evaluation"]["untrained"]:
         labels[str(paths["untrained_model"])] = f"{preset}, untrained"
     labels[str(paths["trained_model"])] = f"{preset}, quickstart"
+    if config["evaluation"]["hybrid"]:
+        labels[f"bm25+{paths['trained_model']}"] = f"bm25 + {preset}, quickstart (RRF)"
 
     def evaluation_stage() -> dict[str, Any]:
         if config["evaluation"]["untrained"]:
