@@ -5,9 +5,10 @@ Format (one for all three kinds, stored as plain tensors so `save_pretrained` wr
 per-output-channel int8, `w ≈ q · s` with `q = round(w / s)` in [-127, 127] and `s = max|w_row| / 127` in fp32 — per
 output row of a linear layer, per (expert, output row) of the 3-D expert weights `gate_up_proj (E, 2I, H)` /
 `down_proj (E, H, I)`, per token row of the embedding table (the LLM.int8() paper's vector-wise weight quantization,
-Dettmers et al. 2022, arXiv:2208.07339, without its outlier split). Activations stay fp32: each matmul dequantizes its
-weight (a whole `nn.Linear`, or one expert's chunk inside the experts backend) right before the fp32 GEMM, so the
-resident model is int8 while the arithmetic error is only the weights' rounding. The router (routing decisions flip on
+Dettmers et al. 2022, arXiv:2208.07339, without its outlier split). Activations stay fp32: each matmul converts its
+int8 codes (a whole `nn.Linear`, or one expert's inside the experts backend) to fp32 right before the fp32 GEMM and
+scales the GEMM's output columns, `x Wᵀ = (x Qᵀ) · s`, so the resident model is int8 while the arithmetic error is only
+the weights' rounding. The router (routing decisions flip on
 small logit changes; 0.1% of the parameters), RMSNorm gains and the pooling latents stay fp32.
 
 The 3-D experts keep their module and are dispatched through transformers' experts interface, under the registered
@@ -74,8 +75,8 @@ class ChromaMoeInt8Linear(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, dequantize_rows(self.weight, self.weight_scale, x.dtype), bias)
+        output = F.linear(x, self.weight.to(x.dtype)).mul_(self.weight_scale.to(x.dtype))  # (..., out): (x Qᵀ) · s
+        return output if self.bias is None else output.add_(self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
@@ -108,26 +109,31 @@ def int8_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """Experts-interface backend for int8 `gate_up_proj (E, 2I, H)` / `down_proj (E, H, I)` with fp32 scales
-    `gate_up_proj_scale (E, 2I)` / `down_proj_scale (E, H)`: tokens are sorted by expert (as in transformers'
-    `grouped_mm` backend) and each expert's chunk runs two fp32 GEMMs against that expert's dequantized weights, so
-    only one expert's weights are ever held in fp32. Experts that received no token are skipped.
+    `gate_up_proj_scale (E, 2I)` / `down_proj_scale (E, H)`. Token slots are sorted by expert (as in transformers'
+    `grouped_mm` backend); each expert's rows run one fp32 GEMM per projection against that expert's codes converted to
+    fp32 (so only one expert's weights are ever held in fp32), written in place into one buffer, and the gate
+    activation runs once over all slots. Experts that received no token are skipped.
 
     hidden_states (N, H), top_k_index / top_k_weights (N, K) -> (N, H).
     """
     num_tokens, top_k = top_k_index.shape
+    dtype = hidden_states.dtype
     expert_ids, order = torch.sort(top_k_index.reshape(-1), stable=True)  # (S,) with S = N * K
     token = order // top_k  # (S,) source token of each sorted slot
-    counts = torch.bincount(expert_ids, minlength=self.num_experts).tolist()
-    dtype = hidden_states.dtype
-    outputs = []
-    for expert, chunk in enumerate(hidden_states[token].split(counts)):  # chunk (n_e, H)
-        if chunk.shape[0] == 0:
-            continue
-        gate_up = F.linear(chunk, dequantize_rows(self.gate_up_proj[expert], self.gate_up_proj_scale[expert], dtype))
-        down = dequantize_rows(self.down_proj[expert], self.down_proj_scale[expert], dtype)
-        outputs.append(F.linear(self._apply_gate(gate_up), down))  # (n_e, H)
-    weighted = torch.cat(outputs) * top_k_weights.reshape(-1)[order, None].to(dtype)  # (S, H)
-    return hidden_states.new_zeros(num_tokens, hidden_states.shape[1]).index_add_(0, token, weighted)
+    ends = torch.bincount(expert_ids, minlength=self.num_experts).cumsum(0).tolist()
+    spans = [(expert, start, end) for expert, (start, end) in enumerate(zip([0, *ends[:-1]], ends)) if end > start]
+    selected = hidden_states[token]  # (S, H)
+    gate_up = selected.new_empty(selected.shape[0], self.gate_up_proj.shape[1])  # (S, 2I)
+    for expert, start, end in spans:
+        torch.mm(selected[start:end], self.gate_up_proj[expert].to(dtype).T, out=gate_up[start:end])
+        gate_up[start:end] *= self.gate_up_proj_scale[expert].to(dtype)
+    intermediate = self._apply_gate(gate_up)  # (S, I)
+    down = selected.new_empty(selected.shape)  # (S, H)
+    for expert, start, end in spans:
+        torch.mm(intermediate[start:end], self.down_proj[expert].to(dtype).T, out=down[start:end])
+        down[start:end] *= self.down_proj_scale[expert].to(dtype)
+    down *= top_k_weights.reshape(-1)[order, None].to(dtype)
+    return hidden_states.new_zeros(num_tokens, hidden_states.shape[1]).index_add_(0, token, down)
 
 
 ALL_EXPERTS_FUNCTIONS.register(QUANT_METHOD, int8_experts_forward)
