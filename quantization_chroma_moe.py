@@ -156,11 +156,15 @@ def quantize_model_int8(model: nn.Module, structure_only: bool = False) -> nn.Mo
     token embeddings -> `ChromaMoeInt8Embedding`, the routed experts' 3-D weights -> int8 with the `"chroma_int8"`
     experts backend; the config gets `quantization_config` so a saved folder loads back as int8. `structure_only`
     builds empty int8 modules (for loading a quantized checkpoint). Raises `ValueError` for a model that is already
-    quantized or has an untied MLM decoder (only the embedding model is served)."""
+    quantized, has an MLM decoder (only the embedding model is served) or has a non-finite parameter."""
     if getattr(model.config, "quantization_config", None) is not None and not structure_only:
         raise ValueError("the model is already quantized (config.quantization_config is set)")
     if hasattr(model, "decoder"):
         raise ValueError("quantize the embedding model (ChromaMoeForEmbedding), not the masked-LM head model")
+    if not structure_only:
+        for name, parameter in model.named_parameters():
+            if not bool(torch.isfinite(parameter).all()):
+                raise ValueError(f"parameter {name!r} has NaN or infinite values: it cannot be quantized")
     # Collected first: the module tree must not change while it is walked. Compared by class name: a folder loaded
     # with trust_remote_code has its own copy of the modeling classes.
     swaps = [

@@ -151,6 +151,11 @@ def test_saved_int8_folder_is_int8_on_disk_and_loads_to_identical_embeddings(st_
     assert loaded.config._experts_implementation == "chroma_int8"
     reloaded = build_sentence_transformer(loaded, int8_model.tokenizer)
     np.testing.assert_array_equal(reloaded.encode(TEXTS, convert_to_numpy=True), expected)
+    save_sentence_transformer(reloaded, tmp_path / "resaved")  # a loaded int8 model saves again, unchanged
+    resaved = ChromaMoeForEmbedding.from_pretrained(tmp_path / "resaved")
+    np.testing.assert_array_equal(
+        build_sentence_transformer(resaved, int8_model.tokenizer).encode(TEXTS, convert_to_numpy=True), expected
+    )
 
     # SentenceTransformer in a fresh process that sees only the folder (no repository on the path).
     script = textwrap.dedent(f"""
@@ -184,5 +189,10 @@ def test_quantizing_the_wrong_model_gives_clear_errors(st_model, int8_model):
         quantize_model_int8(int8_model[0].model)
     with pytest.raises(ValueError, match="quantize the embedding model"):
         quantize_model_int8(ChromaMoeForMaskedLM(ChromaMoeConfig.from_preset("chroma-moe-tiny")))
+    broken = ChromaMoeForEmbedding(ChromaMoeConfig.from_preset("chroma-moe-tiny"))
+    with torch.no_grad():
+        broken.model.layers[2].mlp.experts.down_proj[3, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"parameter 'model.layers.2.mlp.experts.down_proj' has NaN or infinite values"):
+        quantize_model_int8(broken)
     with pytest.raises(TypeError, match="expected a Chroma-MoE SentenceTransformer, got first module Linear"):
         quantize_int8(SentenceTransformer(modules=[nn.Linear(2, 2)]))
