@@ -99,7 +99,7 @@ class ChromaMoeInt8Embedding(nn.Module):
         return module
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.weight).float() * self.weight_scale[input_ids][..., None]
+        return dequantize_rows(F.embedding(input_ids, self.weight), self.weight_scale[input_ids], torch.float32)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int8"
@@ -248,6 +248,7 @@ __all__ = [
     "ChromaMoeInt8Embedding",
     "ChromaMoeInt8Linear",
     "ChromaMoeInt8Quantizer",
+    "dequantize_rows",
     "int8_experts_forward",
     "int8_parameter_share",
     "quantize_model_int8",
