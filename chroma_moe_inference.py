@@ -8,17 +8,15 @@ matplotlib, which plain users of the model should not have to install.
   `norm_topk_prob` included.
 - `routing_shares` / `plot_routing`: per group of texts (a domain, a language), the share of tokens routed to each
   expert in each MoE layer, as a layers × experts heatmap, to see whether experts specialise by domain or language.
-- `quantize_int8(model)`: PyTorch dynamic quantization (int8 weights, activations quantized per batch at run time; Jacob
-  et al. 2018, arXiv:1712.05877) of every `nn.Linear`: attention, dense and shared-expert FFNs and the pooling head. The
-  routed experts are 3-D parameters dispatched through grouped GEMMs, not `nn.Linear`, and stay in fp32, as do the
-  router (routing decisions are sensitive to small logit changes) and the token embeddings.
+- `quantize_int8(model)`: a CPU copy with int8 weights in every `nn.Linear`, the routed experts (3-D weights, through
+  the experts interface) and the token embeddings — symmetric per-output-channel int8 with fp32 scales, fp32
+  activations (`quantization_chroma_moe`, which ships in every model folder so a saved int8 model loads back as int8).
 """
 
 from __future__ import annotations
 
 import copy
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,6 +25,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 from torch import nn
 
+from quantization_chroma_moe import int8_parameter_share, quantize_model_int8
 from sentence_chroma_moe import ChromaMoeSentenceEncoder
 
 
@@ -164,30 +163,20 @@ def plot_routing(
 
 
 def quantize_int8(model: SentenceTransformer) -> SentenceTransformer:
-    """A CPU copy of `model` with every `nn.Linear` dynamically quantized to int8 (`torch.ao.quantization.
-    quantize_dynamic`); the original is left untouched. Works for any `SentenceTransformer` (the benchmark also
-    quantizes all-MiniLM-L6-v2 this way). The copy is for inference only: quantized modules cannot be saved with
-    `save_pretrained`."""
-    from torch.ao.quantization import quantize_dynamic
-
+    """A CPU copy of a Chroma-MoE `model` with int8 weights (`quantization_chroma_moe.quantize_model_int8`: every
+    `nn.Linear`, the routed experts and the token embeddings; router, norms and pooling latents stay fp32); the
+    original is left untouched. The copy is for inference; `save_sentence_transformer(copy, folder)` writes an int8
+    folder (safetensors) that `SentenceTransformer(folder, trust_remote_code=True)` loads as int8 again.
+    Raises `TypeError` for a model whose first module is not a Chroma-MoE encoder."""
+    _encoder(model)
     quantized = copy.deepcopy(model).to("cpu").eval()
-    with warnings.catch_warnings():
-        # torch 2.13 announces the move of eager quantization to torchao; the API used here still works unchanged.
-        warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor", category=UserWarning)
-        return quantize_dynamic(quantized, {nn.Linear}, dtype=torch.qint8, inplace=True)
-
-
-def linear_parameter_share(model: nn.Module) -> float:
-    """Share of `model`'s parameters held by `nn.Linear` layers, i.e. what `quantize_int8` turns into int8."""
-    total = sum(p.numel() for p in model.parameters())
-    linear = sum(p.numel() for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters(recurse=False))
-    return linear / total
+    quantize_model_int8(_encoder(quantized).model)
+    return quantized
 
 
 __all__ = [
     "TextRouting",
-    "linear_parameter_share",
+    "int8_parameter_share",
     "moe_layer_indices",
     "plot_routing",
     "quantize_int8",

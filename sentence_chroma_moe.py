@@ -36,8 +36,10 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 try:
     from .modeling_chroma_moe import ChromaMoeForEmbedding
+    from .quantization_chroma_moe import ChromaMoeInt8Config  # registers the int8 quantizer: int8 folders load too
 except ImportError:
     from modeling_chroma_moe import ChromaMoeForEmbedding
+    from quantization_chroma_moe import ChromaMoeInt8Config
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +50,12 @@ DEFAULT_QUERY_INSTRUCTION = "Given a search query, retrieve relevant passages th
 # lie far beyond the lengths our training recipes use; pass a `max_seq_length` to serve longer).
 DEFAULT_MAX_SEQ_LENGTH = 512
 # The files a folder needs at its root to load as remote code through both transformers and sentence-transformers.
-CODE_FILES = ("configuration_chroma_moe.py", "modeling_chroma_moe.py", "sentence_chroma_moe.py")
+CODE_FILES = (
+    "configuration_chroma_moe.py",
+    "modeling_chroma_moe.py",
+    "quantization_chroma_moe.py",
+    "sentence_chroma_moe.py",
+)
 _INLINE_INSTRUCTION = re.compile(re.escape(INSTRUCTION_PREFIX) + r".*?" + re.escape(QUERY_MARKER), re.DOTALL)
 
 

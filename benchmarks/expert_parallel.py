@@ -26,6 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.machine import report_load  # noqa: E402
 from configuration_chroma_moe import ChromaMoeConfig  # noqa: E402
 from modeling_chroma_moe import ChromaMoeModel  # noqa: E402
 
@@ -74,6 +75,7 @@ def main() -> None:
     if args.worker:
         worker(*args.worker)
         return
+    report_load("start")
     torch.set_num_threads(2)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,6 +93,7 @@ def main() -> None:
     print(f"| run | ms (fwd+bwd, {TOKENS} tokens) |\n|---|---:|")
     print(f"| 1 process, 64 experts, 2 threads | {single * 1e3:.1f} |")
     print(f"| 2 processes x 32 experts, all-to-all, 1 thread each | {ep2 * 1e3:.1f} |")
+    report_load("end")
     print(f"ep2_over_single_time: {ep2 / single:.2f}")
 
 

@@ -27,6 +27,7 @@ import torch
 
 # The model files live at the repository root (as on the Hub); make them importable without an install.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.machine import report_load
 from benchmarks.moe_dispatch import time_ms
 from configuration_chroma_moe import ChromaMoeConfig
 from modeling_chroma_moe import ChromaMoeForEmbedding, count_parameters
@@ -34,17 +35,21 @@ from modeling_chroma_moe import ChromaMoeForEmbedding, count_parameters
 PRESET = "chroma-moe-small"
 
 
-def dense_twin(moe_config: ChromaMoeConfig) -> ChromaMoeConfig:
-    """The preset with no routed experts and the dense FFN width whose active parameter count is closest to the MoE
-    model's. Active parameters are linear in `intermediate_size`, so two counts give the slope."""
-    target = count_parameters(moe_config)["active"]
+def dense_twin(moe_config: ChromaMoeConfig, count: str = "active") -> ChromaMoeConfig:
+    """The preset with no routed experts and the dense FFN width whose parameter count is closest to the MoE model's
+    `count` ("active": equal compute per token; "total": equal size, i.e. every block's dense FFN holds what the MoE's
+    FFNs hold on average). A dense model's active count is its total, and both are linear in `intermediate_size`, so
+    two counts give the slope."""
+    if count not in ("active", "total"):
+        raise ValueError(f"count={count!r}: expected 'active' or 'total'")
+    target = count_parameters(moe_config)[count]
     base_width = moe_config.intermediate_size
     at_base = count_parameters(ChromaMoeConfig.from_preset(PRESET, n_routed_experts=0, intermediate_size=base_width))
     at_next = count_parameters(
         ChromaMoeConfig.from_preset(PRESET, n_routed_experts=0, intermediate_size=base_width + 1)
     )
-    per_unit = at_next["active"] - at_base["active"]
-    width = base_width + round((target - at_base["active"]) / per_unit)
+    per_unit = at_next["total"] - at_base["total"]
+    width = base_width + round((target - at_base["total"]) / per_unit)
     return ChromaMoeConfig.from_preset(PRESET, n_routed_experts=0, intermediate_size=width)
 
 
@@ -101,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     if not 1 <= args.min_len <= args.max_len:
         parser.error(f"need 1 <= --min-len ({args.min_len}) <= --max-len ({args.max_len})")
+    report_load("start")
     torch.set_num_threads(args.threads)
 
     configs = {"moe": ChromaMoeConfig.from_preset(PRESET)}
@@ -143,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             f"{real_tokens / moe.median * 1e3:12.0f} | {real_tokens / dense.median * 1e3:14.0f} | "
             f"{ratios[pass_name]:15.2f} ({moe.best / dense.best:4.2f}) |"
         )
+    report_load("end")
     print(f"moe_over_dense_time: {ratios['fwd+bwd']:.2f}")
     return ratios
 

@@ -32,6 +32,7 @@ from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
 
 # The model files live at the repository root (as on the Hub); make them importable without an install.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.machine import report_load
 from configuration_chroma_moe import ChromaMoeConfig
 from modeling_chroma_moe import ChromaMoeSparseMoeBlock
 
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     if args.tokens % 8:
         parser.error(f"--tokens={args.tokens} must be a multiple of 8 (8 sequences)")
+    report_load("start")
     torch.set_num_threads(args.threads)
 
     print(
@@ -210,6 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             f"| {dtype_name:5} | {pass_name:7} | {ours_ms.median:16.1f} ({ours_ms.best:7.1f}) | "
             f"{hf_ms.median:23.1f} ({hf_ms.best:7.1f}) | {speedup:5.2f}x ({hf_ms.best / ours_ms.best:5.2f}x) |"
         )
+    report_load("end")
     print(f"speedup_fwd_bwd_vs_hf_eager: {results['fp32_fwd+bwd']:.2f}")
     return results
 

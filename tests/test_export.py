@@ -26,6 +26,7 @@ EXPECTED_FILES = [
     "model.safetensors",
     "modeling_chroma_moe.py",
     "modules.json",
+    "quantization_chroma_moe.py",
     "sentence_bert_config.json",
     "sentence_chroma_moe.py",
     "tokenizer.json",
