@@ -27,8 +27,10 @@ from transformers.utils import ModelOutput
 
 try:
     from .configuration_chroma_moe import ChromaMoeConfig
+    from .quantization_chroma_moe import ChromaMoeInt8Config  # noqa: F401 (registers the int8 quantizer: int8 folders load)
 except ImportError:
     from configuration_chroma_moe import ChromaMoeConfig
+    from quantization_chroma_moe import ChromaMoeInt8Config  # noqa: F401
 
 
 @dataclass

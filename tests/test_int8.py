@@ -166,6 +166,9 @@ def test_saved_int8_folder_is_int8_on_disk_and_loads_to_identical_embeddings(st_
         assert type(backbone.model.embed_tokens).__name__ == "ChromaMoeInt8Embedding", type(backbone.model.embed_tokens)
         assert type(backbone).__module__.startswith("transformers_modules."), type(backbone).__module__
         np.save("int8.npy", model.encode({TEXTS!r}, convert_to_numpy=True))
+        from transformers import AutoModelForTextEncoding  # plain transformers, nothing imported by hand
+        auto = AutoModelForTextEncoding.from_pretrained({str(tmp_path / "int8")!r}, trust_remote_code=True)
+        assert type(auto.model.embed_tokens).__name__ == "ChromaMoeInt8Embedding", type(auto.model.embed_tokens)
     """)
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
