@@ -279,7 +279,7 @@ def test_chroma_moe_folder_counts_active_parameters_with_its_own_code(tmp_path):
     config = ChromaMoeConfig.from_preset("chroma-moe-tiny")
     config.auto_map = dict(AUTO_MAP)
     config.save_pretrained(tmp_path)
-    for name in ("configuration_chroma_moe.py", "modeling_chroma_moe.py"):
+    for name in ("configuration_chroma_moe.py", "modeling_chroma_moe.py", "quantization_chroma_moe.py"):
         shutil.copyfile(REPO / name, tmp_path / name)
     expected = count_parameters(config)
     assert chroma_parameter_counts(tmp_path) == (expected["total"], expected["active"])

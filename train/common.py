@@ -437,6 +437,7 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()  # every process's files are in `tmp` before it is renamed (ZeRO ranks write late)
     if accelerator.is_main_process:
         with open(tmp / TRAINER_STATE_FILE, "w", encoding="utf-8") as handle:
             json.dump(dict(trainer_state), handle)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from accelerate import PartialState
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -364,13 +365,14 @@ class ChromaMoeDistillationLoss(nn.Module):
 class ChromaMoeDistillation:
     """What a phase-2 run needs for distillation: the teacher cache, the loss and the collator's negative count.
 
-    In `train.phase2.train`, after `make_accelerator` (all processes)::
+    `train.phase2.build_distillation` builds it and `prepare`s the rows the run will draw (all processes); each step
+    then runs::
 
-        distillation = ChromaMoeDistillation.build(cache_dir, teacher, ..., max_negatives=config.max_negatives_per_query)
-        distillation.prepare(pairs.select(sorted({i for s in range(step, config.max_steps) for i in batch_indices(...)})))
-        ...
         batch = distillation.attach(collator(rows), rows).to(accelerator.device)
         output = grad_cache_step(..., distill_fn=distillation.loss)
+
+    Parallel pairs (task `bitext`): the `query` is the source-language side, whose teacher embedding both sides
+    regress to (Reimers & Gurevych 2020), as in `../shared/data/pairs/` (English query, translated positive).
     """
 
     cache: ChromaMoeTeacherCache
@@ -429,16 +431,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-negatives", type=int, default=None, help="hard negatives per pair to embed (default: all)")
     parser.add_argument("--batch-size", type=int, default=64, help="texts per teacher forward")
     args = parser.parse_args(argv)
+    # Under `accelerate launch` / torchrun this joins the processes (so `ensure` splits the texts) and gives each its
+    # device; a plain `python -m` run is one process on the default device.
+    state = PartialState()
     cache = ChromaMoeTeacherCache(
-        args.cache_dir, args.teacher, args.query_prompt, args.document_prompt, batch_size=args.batch_size
-    )
+        args.cache_dir, args.teacher, args.query_prompt, args.document_prompt, batch_size=args.batch_size,
+        device=str(state.device),
+    )  # fmt: skip
     queries, documents = [], []
     for spec in args.pairs:
         more_queries, more_documents = texts_to_encode(load_pair_dataset(spec, task=args.task), args.max_negatives)
         queries += more_queries
         documents += more_documents
     encoded = cache.ensure(queries, documents)
-    print(f"teacher cache {args.cache_dir}: {encoded} texts encoded now, {len(cache)} cached in all")
+    print(f"teacher cache {args.cache_dir}: {encoded} texts encoded now by process {state.process_index}, "
+          f"{len(cache)} cached in all")  # fmt: skip
     return encoded
 
 

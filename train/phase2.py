@@ -85,6 +85,7 @@ from train.pair_stream import (
 logger = logging.getLogger(__name__)
 
 TRAIN_LOG = "train_log.jsonl"
+PREPARE_ROWS = 50_000  # pairs read per teacher-cache pass in `build_distillation`
 SOURCE_KEYS = frozenset({"path", "beir", "task", "max_pairs"})
 MODEL_CONFIG_KEYS = frozenset(inspect.signature(ChromaMoeConfig.__init__).parameters) - {"self", "kwargs"}
 # Keys whose change would make a resumed run a different run (data, model, batch, loss): resuming with them changed is refused.
@@ -381,12 +382,13 @@ def load_dev_set(config: Phase2Config) -> RetrievalSet:
         doc_ids = [doc for doc in doc_ids if doc in chosen]
     text_of = dict(zip(full.doc_ids, full.doc_texts))
     query_ids = [qid for qid in full.query_ids if qid in kept]
+    text_of_query = dict(zip(full.query_ids, full.query_texts))
     return RetrievalSet(
         name=f"{full.name}-heldout",
         doc_ids=doc_ids,
         doc_texts=[text_of[doc] for doc in doc_ids],
         query_ids=query_ids,
-        query_texts=[queries_by_id[qid] for qid in query_ids],
+        query_texts=[text_of_query[qid] for qid in query_ids],
         qrels={qid: full.qrels[qid] for qid in query_ids},
         counts={"documents": len(doc_ids), "queries_evaluated": len(query_ids)},
     )
@@ -509,7 +511,9 @@ def build_distillation(
     else:
         drawn = np.unique(np.concatenate([np.stack(sampler.global_batch(s), axis=1) for s in range(step, config.max_steps)]), axis=0)
         sources, rows = drawn[:, 0], drawn[:, 1]  # (U,), (U,)
-    distillation.prepare(pairs.rows(sources, rows))
+    with torch.random.fork_rng():  # loading and running the teacher must not move the restored RNG (exact resume)
+        for start in range(0, len(sources), PREPARE_ROWS):  # bounded memory: a slice of the rows at a time
+            distillation.prepare(pairs.rows(sources[start : start + PREPARE_ROWS], rows[start : start + PREPARE_ROWS]))
     return distillation
 
 

@@ -100,9 +100,9 @@ def load_quickstart_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: budget.phase1_share + budget.phase2_share must leave time for evaluation (< 1)")
     for name, spec in config["retrieval_sets"].items():
         if (spec.get("task") not in INSTRUCTIONS or spec.get("kind", "beir") not in EVAL_KINDS
-                or not isinstance(spec.get("tokenizer_text", True), bool)):  # fmt: skip
+                or not isinstance(spec.get("train", True), bool)):  # fmt: skip
             raise ConfigError(f"{path}: retrieval_sets.{name}={spec!r}: task must be one of {sorted(INSTRUCTIONS)}, "
-                              f"kind one of {EVAL_KINDS}, tokenizer_text true or false")  # fmt: skip
+                              f"kind one of {EVAL_KINDS}, train true or false")  # fmt: skip
     return config
 
 
@@ -198,11 +198,12 @@ def pair_sources(pair_files: list[Path], config: Mapping[str, Any], work_dir: Pa
 
 
 def retrieval_spec(config: Mapping[str, Any], folder: Path) -> dict[str, Any]:
-    """The task, evaluation kind and whether the corpus is tokenizer text, of a ``retrieval/<name>/`` set (unknown
-    names: passage retrieval, ``beir``, tokenizer text)."""
+    """The task, evaluation kind and ``train`` flag of a ``retrieval/<name>/`` set (unknown names: passage retrieval,
+    ``beir``, trained on). ``train: false`` makes a set evaluation-only: neither its queries (phase-2 pairs) nor its
+    corpus (tokenizer text) are trained on."""
     spec = config["retrieval_sets"].get(folder.name, {})
     return {"task": spec.get("task", config["default_pair_task"]), "kind": spec.get("kind", "beir"),
-            "tokenizer_text": spec.get("tokenizer_text", True)}  # fmt: skip
+            "train": spec.get("train", True)}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -234,11 +235,13 @@ def phase1_config(config: Mapping[str, Any], data: DataFolder, tokenizer_dir: Pa
 
 
 def phase2_sources(config: Mapping[str, Any], data: DataFolder, work_dir: Path) -> list[dict[str, Any]]:
-    """Phase 2's ``train_sources``: the pair files (``pair_sources``) and the train side of every retrieval set."""
+    """Phase 2's ``train_sources``: the pair files (``pair_sources``) and the train side of every retrieval set not
+    marked ``train: false``."""
     sources = pair_sources(data.pairs, config, work_dir)
     return sources + [
         {"beir": str(folder), "task": retrieval_spec(config, folder)["task"], "max_pairs": config["max_pairs_per_source"]}
         for folder in data.split_sets
+        if retrieval_spec(config, folder)["train"]
     ]
 
 
@@ -287,8 +290,8 @@ def tokenizer_inputs(config: Mapping[str, Any], data: DataFolder) -> list[Path]:
     """The kinds of text named in ``tokenizer.text``, each file read with its languages by ``tokenization.train``:
     ``raw`` text, both sides of the ``pairs`` files, the ``sts`` train sentences and the retrieval ``corpora`` (their
     held-out fifth left out by ``--exclude-heldout``, so the fertility report has unseen tables and paragraphs to
-    measure) of every set not marked ``tokenizer_text: false``."""
-    split_sets = [folder for folder in data.split_sets if retrieval_spec(config, folder)["tokenizer_text"]]
+    measure) of every set not marked ``train: false``."""
+    split_sets = [folder for folder in data.split_sets if retrieval_spec(config, folder)["train"]]
     kinds = {
         "raw": data.raw, "pairs": data.pairs, "sts": data.sts_train,
         "corpora": [folder / "corpus.jsonl" for folder in data.dev_sets + split_sets],
