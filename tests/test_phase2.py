@@ -360,3 +360,17 @@ def test_false_negatives_are_masked():
     assert not torch.allclose(InfoNCELoss(symmetric=False)(q, p, n), expected, rtol=1e-3)
     symmetric = InfoNCELoss(symmetric=True)(q, p, n, pair_ids=ids, negative_ids=negative_ids)
     assert torch.isfinite(symmetric)
+
+
+def test_every_shipped_phase_config_loads():
+    """The YAML configs in train/configs/ are valid for their phase (keys, types, ranges): a user's first command
+    must not stop on the shipped file itself."""
+    from train.common import load_config
+    from train.phase1 import Phase1Config
+    from train.phase2 import Phase2Config
+
+    configs = Path(__file__).resolve().parents[1] / "train" / "configs"
+    loaded = {path.name: load_config(Phase1Config, path) for path in sorted(configs.glob("phase1_*.yaml"))}
+    loaded |= {path.name: load_config(Phase2Config, path) for path in sorted(configs.glob("phase2_*.yaml"))}
+    assert {"phase1_3b.yaml", "phase2_3b.yaml", "phase2_small.yaml", "phase2_tiny.yaml"} <= set(loaded)
+    assert loaded["phase2_3b.yaml"].teacher == "BAAI/bge-m3"
