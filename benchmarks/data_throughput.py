@@ -19,6 +19,7 @@ Each path runs ``--seconds`` after one warm-up micro-batch. The last two lines a
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import tempfile
 import time
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         shards = PackedBlockShards(work / "shards")
         micro_batches = ShardMicroBatches(shards, BlockOrder(len(shards), seed=0), masker, layout)
         loader = shard_loader(micro_batches, range(2**62), args.workers)
-        shard_rate = measure(lambda: next(loader), args.seconds)
+        shard_rate = measure(functools.partial(next, loader), args.seconds)
         del loader
 
         blocks = PackedBlocks(lambda epoch: build_text_stream(sources, seed=epoch, dedup=False), tokenizer,
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 yield from onthefly_micro_batches(blocks, masker, layout)
 
         onthefly = steps()
-        onthefly_rate = measure(lambda: next(onthefly), args.seconds)
+        onthefly_rate = measure(functools.partial(next, onthefly), args.seconds)
     print(f"setup: seq_len {args.seq_len}, {args.batch_size} blocks per micro-batch, rank 0 of {args.processes} "
           f"process(es), {args.workers} DataLoader worker(s), {torch.get_num_threads()} torch thread(s)")  # fmt: skip
     report_load("end")

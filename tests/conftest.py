@@ -34,3 +34,33 @@ def tiny_phase1_config(tmp_path: Path) -> dict:
         "seq_len": 32,
         "per_device_batch_size": 4,
     }
+
+
+class KilledAfterCheckpoint(Exception):
+    """A phase-1 run stopped right after writing a checkpoint, as a killed process would; the message is its path."""
+
+
+class Phase1Killer:
+    """`arm()` makes every phase-1 checkpoint save raise `KilledAfterCheckpoint(path)` once the checkpoint is written;
+    `disarm()` restores the real save."""
+
+    Killed = KilledAfterCheckpoint
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import train.phase1 as phase1
+
+        self._phase1, self._monkeypatch, self._real_save = phase1, monkeypatch, phase1.save_checkpoint
+
+    def _save_then_die(self, *args, **kwargs):
+        raise KilledAfterCheckpoint(self._real_save(*args, **kwargs))
+
+    def arm(self) -> None:
+        self._monkeypatch.setattr(self._phase1, "save_checkpoint", self._save_then_die)
+
+    def disarm(self) -> None:
+        self._monkeypatch.setattr(self._phase1, "save_checkpoint", self._real_save)
+
+
+@pytest.fixture
+def phase1_killer(monkeypatch: pytest.MonkeyPatch) -> Phase1Killer:
+    return Phase1Killer(monkeypatch)

@@ -28,7 +28,7 @@ from train.pair_stream import (
     path_fingerprint,
 )
 
-from test_phase2 import one_thread, read_log, tiny_config, workspace  # noqa: F401 (fixtures)
+from test_phase2 import one_thread, read_log, tiny_config, train_crashing_in_step_3, workspace  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -268,18 +268,8 @@ def test_phase2_trains_per_source_and_resumes_exactly(workspace, tmp_path, monke
     assert all(len(set(sources)) == 1 for sources, _ in reads)
     assert {sources[0] for sources, _ in reads} == {0, 1}  # both sources served in these 4 steps (seed 0)
 
-    reads.clear()
-    crashed, real_step = tmp_path / "crashed", phase2.grad_cache_step
-
-    def crash_in_step_3(*args, **kwargs):
-        if len(reads) == 3:
-            raise KeyboardInterrupt("simulated crash")
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(phase2, "grad_cache_step", crash_in_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        phase2.train(tiny_config(workspace, crashed, *extra))
-    monkeypatch.setattr(phase2, "grad_cache_step", real_step)
+    crashed = tmp_path / "crashed"
+    train_crashing_in_step_3(monkeypatch, workspace, crashed, *extra)
     reads.clear()
     stored = [(crashed / "pairs" / f"source_{k}.arrow").stat().st_mtime_ns for k in range(2)]
     phase2.train(tiny_config(workspace, crashed, *extra, "resume=auto"))

@@ -223,7 +223,7 @@ def test_upcycling_keeps_the_output_whatever_the_routing():
         check_upcyclable(dense_config, ChromaMoeConfig.from_preset("chroma-moe-tiny"))
 
 
-def test_upcycling_mid_run_and_kill_and_resume_give_the_same_losses(tokenizer_dir, corpus, tmp_path, monkeypatch):
+def test_upcycling_mid_run_and_kill_and_resume_give_the_same_losses(tokenizer_dir, corpus, tmp_path, phase1_killer):
     """Dense for 4 steps, upcycled at step 4 (upcycle_at 0.5 of 8); dropout on, so the RNG restore matters too. The
     interrupted run is killed right after its checkpoints at steps 3 (dense) and 6 (MoE), then resumed each time."""
     model = {"preset": "chroma-moe-tiny", "norm_topk_prob": True, "hidden_dropout": 0.1}
@@ -236,16 +236,8 @@ def test_upcycling_mid_run_and_kill_and_resume_give_the_same_losses(tokenizer_di
     assert all(math.isfinite(x) for x in straight.losses)
     assert json.loads((straight.final_dir / "config.json").read_text())["n_routed_experts"] == 8
 
-    class Killed(Exception):
-        pass
-
-    real_save = phase1.save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        path = real_save(*args, **kwargs)
-        raise Killed(path)
-
-    monkeypatch.setattr(phase1, "save_checkpoint", save_then_die)
+    Killed = phase1_killer.Killed
+    phase1_killer.arm()
     interrupted = _config(tokenizer_dir, corpus, tmp_path / "interrupted", **options)
     with pytest.raises(Killed):
         phase1.run(interrupted)
@@ -259,7 +251,7 @@ def test_upcycling_mid_run_and_kill_and_resume_give_the_same_losses(tokenizer_di
         phase1.run({**interrupted, "resume": "auto"})  # steps 4-6: upcycles after resuming a dense checkpoint
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    monkeypatch.setattr(phase1, "save_checkpoint", real_save)
+    phase1_killer.disarm()
     resumed = phase1.run({**interrupted, "resume": "auto"})  # steps 7-8 from an upcycled checkpoint
     assert resumed.first_step == 6
     assert resumed.losses == straight.losses[6:]

@@ -19,7 +19,6 @@ from transformers import AutoTokenizer
 
 from train import phase1
 from train.common import ConfigError, TRAINER_STATE_FILE
-from train.data import TextSourceSpec
 from train.pretokenize import BlockOrder, PackedBlockShards, pretokenize
 from train.pretokenize import main as pretokenize_main
 
@@ -148,27 +147,20 @@ def test_ddp_from_shards_equals_single_process(tiny_phase1_config, tmp_path):
         assert torch.equal(ddp_weights[name], tensor), name
 
 
-def test_kill_and_resume_from_shards_equals_an_uninterrupted_run(tiny_phase1_config, tmp_path, monkeypatch):
+def test_kill_and_resume_from_shards_equals_an_uninterrupted_run(tiny_phase1_config, tmp_path, phase1_killer):
     config = _pretokenized({**tiny_phase1_config, **RUN}, tmp_path / "blocks")
     straight = phase1.run({**config, "output_dir": str(tmp_path / "straight")})
     assert straight.tokens_per_step == 256
 
-    class Killed(Exception):
-        pass
-
-    real_save = phase1.save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        raise Killed(real_save(*args, **kwargs))
-
-    monkeypatch.setattr(phase1, "save_checkpoint", save_then_die)
+    Killed = phase1_killer.Killed
+    phase1_killer.arm()
     interrupted = {**config, "output_dir": str(tmp_path / "interrupted"), "checkpoint_every": 2}
     with pytest.raises(Killed) as killed:
         phase1.run(interrupted)
     assert Path(str(killed.value)).name == "checkpoint-00000002"
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    monkeypatch.setattr(phase1, "save_checkpoint", real_save)
+    phase1_killer.disarm()
     resumed = phase1.run({**interrupted, "resume": "auto"})
     assert resumed.first_step == 2 and resumed.losses == straight.losses[2:]
     resumed_weights = load_file(resumed.final_dir / "model.safetensors")

@@ -55,18 +55,11 @@ def test_phase1_resume_rebuilds_the_schedule_from_the_current_config(tokenizer_d
     assert "max_steps: 6 -> 12" in warnings[0] and "learning_rate: 0.003 -> 0.002" in warnings[0]
 
 
-def test_phase1_resume_refuses_a_max_steps_that_moves_upcycling_back(tokenizer_dir, corpus, tmp_path, monkeypatch):
+def test_phase1_resume_refuses_a_max_steps_that_moves_upcycling_back(tokenizer_dir, corpus, tmp_path, phase1_killer):
     """Dense until step 4 of 8 (upcycle_at 0.5), killed after its step-3 checkpoint: with max_steps=4 upcycling would be
     at step 2, already passed, so the resume is refused naming the keys."""
-    class Killed(Exception):
-        pass
-
-    real_save = phase1.save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        raise Killed(real_save(*args, **kwargs))
-
-    monkeypatch.setattr(phase1, "save_checkpoint", save_then_die)
+    Killed = phase1_killer.Killed
+    phase1_killer.arm()
     config = _config(tokenizer_dir, corpus, tmp_path / "run", upcycle_at=0.5, checkpoint_every=3)
     with pytest.raises(Killed):
         phase1.run(config)

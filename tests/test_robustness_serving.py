@@ -282,11 +282,13 @@ def test_export_max_seq_length_option_and_fallback_lengths(phase2_run, tmp_path,
         export_module.export(phase2_run / "final", tmp_path / "long", max_seq_length=1024)
     assert str(error.value) == "max_seq_length=1024 must be in 1..max_position_embeddings=512"
     assert not (tmp_path / "long").exists()
-    # without the run's checkpoints the trained folder's own length is the training length
+    # phase 2's run_config.json beside final/ is read first; a folder moved away from its run records no lengths
+    (phase2_run / "run_config.json").write_text(json.dumps({"max_query_length": 40, "max_document_length": 96}))
+    try:
+        assert export_module.training_lengths(phase2_run / "final") == {"max_query_length": 40, "max_document_length": 96}
+    finally:
+        (phase2_run / "run_config.json").unlink()
     lone = tmp_path / "lone"
     shutil.copytree(phase2_run / "final", lone)
-    assert export_module.training_lengths(lone) == {"max_seq_length": 48}
-    assert export_module.describe_training_lengths({"max_seq_length": 48}) == (
-        "48 tokens (the trained folder's max_seq_length)"
-    )
+    assert export_module.training_lengths(lone) == {}
     assert export_module.describe_training_lengths({}) == "not recorded in the trained folder"

@@ -45,6 +45,7 @@ ConfigT = TypeVar("ConfigT")
 CHECKPOINT_PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-"
 TRAINER_STATE_FILE = "trainer_state.json"
+RUN_CONFIG_FILE = "run_config.json"  # a run's resolved config, written into its output_dir when it starts
 MIXED_PRECISION_CHOICES = ("auto", "no", "bf16")
 
 logger = logging.getLogger(__name__)

@@ -39,7 +39,7 @@ from sentence_chroma_moe import (
     default_max_seq_length,
     save_sentence_transformer,
 )
-from train.common import latest_checkpoint, read_trainer_state
+from train.common import RUN_CONFIG_FILE, latest_checkpoint, read_trainer_state
 
 logger = logging.getLogger(__name__)
 
@@ -83,29 +83,26 @@ def load_for_export(model_dir: str | Path) -> SentenceTransformer:
 
 
 def training_lengths(model_dir: str | Path) -> dict[str, int]:
-    """The token lengths the model was trained at, as far as the trained folder records them: `max_query_length` and
-    `max_document_length` of the phase-2 run whose `final/` folder this is (its latest checkpoint's
-    `trainer_state.json`, in `../checkpoints`), else the folder's own `max_seq_length` (phase 2 saves
-    `max(max_query_length, max_document_length)` there), else nothing (a transformers checkpoint)."""
+    """The token lengths the model was trained at: `max_query_length` and `max_document_length` of the phase-2 run
+    whose `final/` folder this is, from the run's `run_config.json` (phase 2 writes it beside `final/`) or its latest
+    checkpoint's `trainer_state.json` (in `../checkpoints`), else nothing (a folder moved away from its run, or a
+    transformers checkpoint). The folder's own `max_seq_length` is its serving length, not a training one."""
     model_dir = Path(model_dir)
+    run_config = model_dir.parent / RUN_CONFIG_FILE
     checkpoint = latest_checkpoint(model_dir.parent / "checkpoints")
-    if checkpoint is not None:
+    if run_config.is_file():
+        run = json.loads(run_config.read_text(encoding="utf-8"))
+    elif checkpoint is not None:
         run = read_trainer_state(checkpoint).get("config", {})
-        lengths = {key: run[key] for key in ("max_query_length", "max_document_length") if isinstance(run.get(key), int)}
-        if lengths:
-            return lengths
-    st_config = model_dir / "sentence_bert_config.json"
-    if st_config.is_file():
-        return {"max_seq_length": int(json.loads(st_config.read_text(encoding="utf-8"))["max_seq_length"])}
-    return {}
+    else:
+        return {}
+    return {key: run[key] for key in ("max_query_length", "max_document_length") if isinstance(run.get(key), int)}
 
 
 def describe_training_lengths(lengths: dict[str, int]) -> str:
     """`lengths` of `training_lengths` in words, for the log and the model card."""
     if not lengths:
         return "not recorded in the trained folder"
-    if "max_seq_length" in lengths:
-        return f"{lengths['max_seq_length']} tokens (the trained folder's max_seq_length)"
     names = {"max_query_length": "queries", "max_document_length": "documents"}
     return ", ".join(f"{names[key]} {value} tokens" for key, value in lengths.items()) + " (the phase-2 run's config)"
 

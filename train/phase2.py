@@ -56,6 +56,7 @@ from sentence_chroma_moe import (
     save_sentence_transformer,
 )
 from train.common import (
+    RUN_CONFIG_FILE,
     ConfigError,
     build_optimizer,
     build_scheduler,
@@ -452,10 +453,11 @@ def build_model(config: Phase2Config) -> tuple[ChromaMoeForEmbedding, PreTrained
 
 def save_final(model: ChromaMoeForEmbedding, tokenizer: PreTrainedTokenizerFast, config: Phase2Config, target: Path) -> None:
     """The sentence-transformers folder: prompts `query` (the `st_query_task` instruction) and `document` (none), plus
-    one named prompt per instruction task (`model.encode(texts, prompt_name="product_search")`)."""
+    one named prompt per instruction task (`model.encode(texts, prompt_name="product_search")`). It serves at
+    `sentence_chroma_moe.default_max_seq_length` (512 for the presets), not at the training lengths, so documents are
+    not cut at `max_document_length`; the training lengths stay in the run's `run_config.json`."""
     st_model = build_sentence_transformer(
         model, tokenizer, query_instruction=INSTRUCTIONS[config.st_query_task],
-        max_seq_length=max(config.max_query_length, config.max_document_length),
     )  # fmt: skip
     st_model.prompts.update({task: instruction_prompt(description) for task, description in INSTRUCTIONS.items()})
     save_sentence_transformer(st_model, target)
@@ -576,6 +578,7 @@ def train(config: Phase2Config) -> dict[str, float]:
     accelerator.init_trackers("phase2", config=flatten_for_tracker(dataclasses.asdict(config)))
     log_path = output_dir / TRAIN_LOG
     if accelerator.is_main_process:
+        (output_dir / RUN_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=1), encoding="utf-8")
         _truncate_log(log_path, step)
         logger.info("%d training pairs; global batch %d (%d per process, chunks of %d texts)", len(pairs),
                     config.global_batch_size, local_batch, config.chunk_size)  # fmt: skip

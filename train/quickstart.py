@@ -4,13 +4,15 @@
 
 Stages, each through the code its own command runs (no second implementation):
 
-1. tokenizer: ``tokenization.train.main`` on the data folder's raw text (byte-level BPE);
+1. tokenizer: ``tokenization.train.main`` (byte-level BPE) on the kinds of text in ``tokenizer.text``: raw text, pair
+   files, STS train sentences and retrieval corpora (their held-out fifth left out), languages resampled to n^α shares;
 2. phase 1: ``train.phase1.run`` (masked-LM pretraining of chroma-moe-small), the function behind
    ``accelerate launch train/phase1.py``;
-3. phase 2: ``train.phase2.train`` (contrastive instruction tuning with GradCache) from phase 1's model, the function
-   behind ``accelerate launch train/phase2.py``;
-4. evaluation: ``evaluation.run.main`` on the data folder's dev sets, for the trained model, the same architecture at
-   its random initialisation and the ``bm25`` / ``minilm`` baselines;
+3. phase 2: ``train.phase2.train`` (contrastive instruction tuning with GradCache, distilling the configured teacher)
+   from phase 1's model, the function behind ``accelerate launch train/phase2.py``;
+4. evaluation: ``evaluation.run.main`` on the data folder's dev sets (and a fixed per-language sample of its STS dev
+   file), for the trained model, the same architecture at its random initialisation, the ``bm25`` / ``minilm``
+   baselines and ``bm25+`` the trained model (reciprocal-rank fusion);
 5. export: ``train.export.export`` writes the Hub folder, with the evaluation table in its model card.
 
 The phase configs are ``phase1`` / ``phase2`` of ``train/configs/quickstart.yaml`` with the run-dependent keys filled
@@ -21,10 +23,12 @@ section (measured on a 2-core CPU). On failure the command names the stage, the 
 Data folder layouts (both may be mixed in one folder):
 
 - the sample's (``data/sample/``): ``raw_*.jsonl`` ({"text"}), ``pairs*.jsonl`` ({"query", "positive", "negatives",
-  "task"}) and ``dev/`` (BEIR), a dev set that is evaluated whole and never trained on;
-- the shared folder's (``../shared/data``): ``raw/*.jsonl``, ``pairs/*.jsonl`` and ``retrieval/<name>/`` (BEIR). A
-  retrieval set is split by query (``train.data.split_query_ids``): the train side becomes phase-2 pairs, the held-out
-  side is evaluated, so no evaluated query is trained on.
+  "task"}) and ``dev/`` (BEIR), a dev set whose queries are evaluated whole and never trained on (the tokenizer reads
+  four fifths of its corpus, as it does every retrieval corpus);
+- the shared folder's (``../shared/data``): ``raw/*.jsonl``, ``pairs/*.jsonl``, ``sts/*.tsv`` and ``retrieval/<name>/``
+  (BEIR). A retrieval set is split by query (``train.data.split_beir_queries``, grouped by relevant document): the train
+  side becomes phase-2 pairs, the held-out side is evaluated, so no evaluated query or its answer is trained on; a set
+  marked ``train: false`` in the config is evaluated only.
 """
 
 from __future__ import annotations
