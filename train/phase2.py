@@ -453,11 +453,13 @@ def build_model(config: Phase2Config) -> tuple[ChromaMoeForEmbedding, PreTrained
 
 def save_final(model: ChromaMoeForEmbedding, tokenizer: PreTrainedTokenizerFast, config: Phase2Config, target: Path) -> None:
     """The sentence-transformers folder: prompts `query` (the `st_query_task` instruction) and `document` (none), plus
-    one named prompt per instruction task (`model.encode(texts, prompt_name="product_search")`). It serves at
-    `sentence_chroma_moe.default_max_seq_length` (512 for the presets), not at the training lengths, so documents are
-    not cut at `max_document_length`; the training lengths stay in the run's `run_config.json`."""
+    one named prompt per instruction task (`model.encode(texts, prompt_name="product_search")`). Its `max_seq_length`
+    is the training length `max(max_query_length, max_document_length)`, so the dev evaluation and the quickstart's
+    evaluation run at the length the model was trained at (affordable on a CPU); `train.export` writes the folder
+    users serve, at the serving length (512 for the presets), and the run's `run_config.json` keeps both lengths."""
     st_model = build_sentence_transformer(
         model, tokenizer, query_instruction=INSTRUCTIONS[config.st_query_task],
+        max_seq_length=max(config.max_query_length, config.max_document_length),
     )  # fmt: skip
     st_model.prompts.update({task: instruction_prompt(description) for task, description in INSTRUCTIONS.items()})
     save_sentence_transformer(st_model, target)
