@@ -141,10 +141,12 @@ class DenseModel:
         return self.encode(texts, "query").float().cpu().numpy()
 
     def pair_scores(self, first: list[str], second: list[str]) -> np.ndarray:
-        """Similarity of each aligned pair ``[N]`` with the model's similarity function."""
+        """Similarity of each aligned pair ``[N]`` with the model's similarity function. Both sentences are encoded as
+        documents (the model's `document` prompt, none for ours): STS is symmetric, and a retrieval-query instruction
+        would both skew it and take tokens from the sentence."""
         unique = list(dict.fromkeys(first + second))
         index = {text: i for i, text in enumerate(unique)}
-        embeddings = self.encode(unique, "query")  # [U, dim]
+        embeddings = self.encode(unique, "document")  # [U, dim]
         left = embeddings[[index[text] for text in first]]  # [N, dim]
         right = embeddings[[index[text] for text in second]]  # [N, dim]
         return self.model.similarity_pairwise(left, right).float().cpu().numpy()

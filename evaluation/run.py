@@ -180,7 +180,7 @@ def run_task(
     if spec.kind == "sts":
         texts = list(dict.fromkeys(data.sentences1 + data.sentences2))
         metrics = sts_spearman(model.pair_scores(data.sentences1, data.sentences2), data)
-        return metrics, {"unique_texts": len(texts), "truncated_texts": model.count_truncated(texts, "query")}
+        return metrics, {"unique_texts": len(texts), "truncated_texts": model.count_truncated(texts, "document")}
     normalize = model.model.similarity_fn_name == "cosine"
     metrics = probe_metrics(model.embed(data.texts), data.labels, normalize=normalize)
     return metrics, {"truncated_texts": model.count_truncated(data.texts, "query")}
