@@ -291,7 +291,7 @@ def test_minilm_cache_build_from_the_command_line(tmp_path, capsys):
     pairs.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     argv = ["--pairs", str(pairs), "--task", "finance_qa", "--cache-dir", str(tmp_path / "cache")]
     assert main(argv) == 20
-    assert "20 texts encoded now, 20 cached in all" in capsys.readouterr().out
+    assert "20 texts encoded now by process 0, 20 cached in all" in capsys.readouterr().out
     assert main(argv) == 0
 
     cache = ChromaMoeTeacherCache(tmp_path / "cache", "all-MiniLM-L6-v2")
