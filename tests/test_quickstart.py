@@ -186,3 +186,16 @@ def test_a_failing_stage_is_named_with_its_rerun_command(tmp_path: Path, capsys:
     (tmp_path / "used" / "old.txt").write_text("an earlier run", encoding="utf-8")
     assert quickstart.main(["--output", str(tmp_path / "used"), "--data-dir", str(data)]) == 1
     assert "is not empty" in capsys.readouterr().err
+
+
+def test_sample_sts_keeps_the_same_pairs_in_every_language(tmp_path) -> None:
+    source = tmp_path / "sts.tsv"
+    rows = [f"{lang}\tdev-{i}\ts{i} {lang}\tt{i} {lang}\t{i % 5}" for lang in ("en", "de") for i in range(10)]
+    source.write_text("lang\tpair_id\tsentence1\tsentence2\tscore\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    sample = quickstart.sample_sts(source, 3, tmp_path / "out" / "sts.tsv")
+    header, *kept = sample.read_text(encoding="utf-8").splitlines()
+    assert header == "lang\tpair_id\tsentence1\tsentence2\tscore" and len(kept) == 6
+    by_lang = {lang: {line.split("\t")[1] for line in kept if line.startswith(lang)} for lang in ("en", "de")}
+    assert by_lang["en"] == by_lang["de"] and len(by_lang["en"]) == 3
+    assert set(kept) <= set(rows)  # lines copied unchanged
+    assert quickstart.sample_sts(source, 3, tmp_path / "again.tsv").read_text() == sample.read_text()

@@ -34,6 +34,7 @@ Data folder layouts (both may be mixed in one folder):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -371,8 +372,6 @@ def sample_sts(path: Path, pairs_per_language: int, target: Path) -> Path:
     """The lines of ``path`` (STS tsv with a ``pair_id`` column) whose ``pair_id`` is among the first
     ``pairs_per_language`` by a stable hash: the same pairs in every language, a fixed sample that keeps the
     per-language Spearman comparable while costing a fraction of the whole file's encodes. Lines are copied as is."""
-    import hashlib
-
     header, *lines = path.read_text(encoding="utf-8").splitlines()
     columns = header.split("\t")
     if "pair_id" not in columns:
