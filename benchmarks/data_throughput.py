@@ -32,7 +32,7 @@ from transformers import AutoTokenizer
 from benchmarks.machine import report_load
 from tokenization.train import train_tokenizer
 from train.data import TextSourceSpec, build_text_stream, shared_data_dir
-from train.phase1 import (
+from train.mlm_data import (
     BatchLayout,
     MlmMasker,
     PackedBlocks,

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from configuration_chroma_moe import ChromaMoeConfig
 from modeling_chroma_moe import ChromaMoeForMaskedLM
 from tokenization.train import train_tokenizer
-from train import phase1
+from train import mlm_data, phase1
 from train.common import (
     ConfigError,
     NonFiniteLossError,
@@ -144,7 +144,7 @@ def test_no_decay_groups_and_schedule():
 def test_packing_and_masking(tokenizer_dir, corpus):
     tokenizer = phase1.AutoTokenizer.from_pretrained(tokenizer_dir)
     sources = [TextSourceSpec(str(corpus))]
-    blocks = phase1.PackedBlocks(lambda epoch: build_text_stream(sources, seed=epoch, min_chars=1), tokenizer, 32)
+    blocks = mlm_data.PackedBlocks(lambda epoch: build_text_stream(sources, seed=epoch, min_chars=1), tokenizer, 32)
     first, packed = blocks.take(6)
     assert first == 0 and packed.shape == (6, 32)
     assert (packed[:, 0] == tokenizer.bos_token_id).all() and not (packed == tokenizer.pad_token_id).any()
@@ -156,13 +156,13 @@ def test_packing_and_masking(tokenizer_dir, corpus):
 
     position, buffer = blocks.state_dict()
     _, expected = blocks.take(20)  # crosses into the next data epoch
-    restored = phase1.PackedBlocks(lambda epoch: build_text_stream(sources, seed=epoch, min_chars=1), tokenizer, 32)
+    restored = mlm_data.PackedBlocks(lambda epoch: build_text_stream(sources, seed=epoch, min_chars=1), tokenizer, 32)
     restored.load_state_dict(json.loads(json.dumps(position)), buffer)
     index, again = restored.take(20)
     assert index == 6 and (again == expected).all() and restored.epoch == blocks.epoch > 0
 
     special = np.array(tokenizer.all_special_ids)
-    masker = phase1.MlmMasker(tokenizer, 0.3, span_masking=False, seed=0)
+    masker = mlm_data.MlmMasker(tokenizer, 0.3, span_masking=False, seed=0)
     many = np.concatenate([packed, expected])
     inputs, labels = masker(many, 0)
     chosen = labels != -100
@@ -176,7 +176,7 @@ def test_packing_and_masking(tokenizer_dir, corpus):
     again_inputs, again_labels = masker(many[3:5], 3)  # a block's mask depends on its index only
     assert (again_inputs == inputs[3:5]).all() and (again_labels == labels[3:5]).all()
 
-    spans = phase1.MlmMasker(tokenizer, 0.3, span_masking=True, seed=0)
+    spans = mlm_data.MlmMasker(tokenizer, 0.3, span_masking=True, seed=0)
     _, span_labels = spans(many, 0)
     span_chosen = span_labels != -100
     assert not np.isin(many[span_chosen], special).any()

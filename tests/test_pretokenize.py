@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from test_scale_out import _launch  # the DDP launcher of tests/test_scale_out.py
 from transformers import AutoTokenizer
 
-from train import phase1
+from train import mlm_data, phase1
 from train.common import ConfigError, TRAINER_STATE_FILE
 from train.pretokenize import BlockOrder, PackedBlockShards, pretokenize
 from train.pretokenize import main as pretokenize_main
@@ -108,14 +108,14 @@ def test_two_processes_read_disjoint_rows_that_make_up_the_one_process_order(tin
     config = _pretokenized(tiny_phase1_config, tmp_path / "blocks")
     shards = PackedBlockShards(config["pretokenized"])
     tokenizer = AutoTokenizer.from_pretrained(config["tokenizer"])
-    masker = phase1.MlmMasker(tokenizer, 0.15, span_masking=False, seed=0)
+    masker = mlm_data.MlmMasker(tokenizer, 0.15, span_masking=False, seed=0)
     order = BlockOrder(len(shards), seed=0)
     steps = 2 * len(shards) // 8 + 1  # 8 blocks per step: crosses two epoch boundaries
 
-    def reader(processes: int, rank: int) -> tuple[phase1.ShardMicroBatches, _RecordingShards]:
+    def reader(processes: int, rank: int) -> tuple[mlm_data.ShardMicroBatches, _RecordingShards]:
         recording = _RecordingShards(shards)
-        layout = phase1.BatchLayout(8, batch_size=4, accum=2 // processes, processes=processes, rank=rank)
-        micro = phase1.ShardMicroBatches(recording, order, masker, layout)
+        layout = mlm_data.BatchLayout(8, batch_size=4, accum=2 // processes, processes=processes, rank=rank)
+        micro = mlm_data.ShardMicroBatches(recording, order, masker, layout)
         return micro, recording
 
     single, single_rows = reader(1, 0)
