@@ -30,10 +30,11 @@ class EvalModel(Protocol):
     def info(self) -> dict[str, Any]:
         """Parameters (total/active), embedding dimension and scoring settings, for results.json."""
 
-    def score_matrix(self, queries: list[str], documents: list[str]) -> np.ndarray:
-        """Scores ``[len(queries), len(documents)]``; ``-inf`` = not retrievable."""
+    def score_matrix(self, queries: list[str], documents: list[str], query_prompt: str | None = None) -> np.ndarray:
+        """Scores ``[len(queries), len(documents)]``; ``-inf`` = not retrievable. ``query_prompt``: the name of the
+        task's query prompt (see ``DenseModel.prompt_name``)."""
 
-    def count_truncated(self, texts: list[str], role: Role) -> int | None:
+    def count_truncated(self, texts: list[str], role: Role, query_prompt: str | None = None) -> int | None:
         """How many texts (with the role's prompt) exceed the model's max length; ``None`` when it has none."""
 
 
@@ -69,8 +70,9 @@ class Bm25Model:
             + ("PyStemmer english stemmer" if self._stemmer else "no stemmer (PyStemmer not installed)"),
         }
 
-    def score_matrix(self, queries: list[str], documents: list[str]) -> np.ndarray:
-        """BM25 score of every document for every query; ``-inf`` where the document shares no query term."""
+    def score_matrix(self, queries: list[str], documents: list[str], query_prompt: str | None = None) -> np.ndarray:
+        """BM25 score of every document for every query; ``-inf`` where the document shares no query term (BM25 has
+        no prompts: ``query_prompt`` is ignored)."""
         import bm25s
         from tqdm.auto import tqdm
 
@@ -84,7 +86,7 @@ class Bm25Model:
         scores[scores <= 0] = -np.inf
         return scores
 
-    def count_truncated(self, texts: list[str], role: Role) -> int | None:
+    def count_truncated(self, texts: list[str], role: Role, query_prompt: str | None = None) -> int | None:
         """BM25 reads whole texts: nothing is truncated."""
         return None
 
@@ -131,10 +133,22 @@ class DenseModel:
         total = sum(parameter.numel() for parameter in self.model.parameters())
         return total, total
 
-    def encode(self, texts: list[str], role: Role) -> Any:
-        """Embeddings ``[N, dim]`` as a tensor, with the role's prompt."""
+    def prompt_name(self, role: Role, query_prompt: str | None = None) -> str | None:
+        """The name of the prompt ``role`` is encoded with: for queries, ``query_prompt`` (a task's instruction, e.g.
+        ``finance_qa``) when the model defines a prompt of that name (ours has one per instruction task), else the
+        model's ``query`` / ``document`` prompt; ``None`` when it has neither (encoded plainly). MTEB looks prompts up
+        by task name the same way."""
+        if role == "query" and query_prompt in self.model.prompts:
+            return query_prompt
+        return role if role in self.model.prompts else None
+
+    def encode(self, texts: list[str], role: Role, query_prompt: str | None = None) -> Any:
+        """Embeddings ``[N, dim]`` as a tensor, with the role's prompt (``prompt_name``)."""
         encode = self.model.encode_query if role == "query" else self.model.encode_document
-        return encode(texts, batch_size=BATCH_SIZE, show_progress_bar=True, convert_to_tensor=True)
+        return encode(
+            texts, prompt_name=self.prompt_name(role, query_prompt), batch_size=BATCH_SIZE, show_progress_bar=True,
+            convert_to_tensor=True,
+        )  # fmt: skip
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Embeddings ``[N, dim]`` for symmetric tasks (query prompt on every text)."""
@@ -151,19 +165,20 @@ class DenseModel:
         right = embeddings[[index[text] for text in second]]  # [N, dim]
         return self.model.similarity_pairwise(left, right).float().cpu().numpy()
 
-    def score_matrix(self, queries: list[str], documents: list[str]) -> np.ndarray:
+    def score_matrix(self, queries: list[str], documents: list[str], query_prompt: str | None = None) -> np.ndarray:
         """Similarity of every query embedding with every document embedding ``[Q, D]``."""
-        query_embeddings = self.encode(queries, "query")  # [Q, dim]
+        query_embeddings = self.encode(queries, "query", query_prompt)  # [Q, dim]
         document_embeddings = self.encode(documents, "document")  # [D, dim]
         return self.model.similarity(query_embeddings, document_embeddings).float().cpu().numpy()
 
-    def count_truncated(self, texts: list[str], role: Role) -> int | None:
+    def count_truncated(self, texts: list[str], role: Role, query_prompt: str | None = None) -> int | None:
         """Texts whose tokens (prompt and special tokens included) exceed ``max_seq_length``."""
         tokenizer = getattr(self.model, "tokenizer", None)
         max_length = self.model.max_seq_length
         if tokenizer is None or max_length is None:
             return None
-        prompt = self.model.prompts.get(role) or ""
+        name = self.prompt_name(role, query_prompt)
+        prompt = self.model.prompts[name] if name is not None else ""
         encoded = tokenizer([prompt + text for text in texts], add_special_tokens=True, truncation=False, verbose=False)
         return sum(len(ids) > max_length for ids in encoded["input_ids"])
 
@@ -211,13 +226,15 @@ class HybridModel:
             "tokenizer": self.bm25.info()["tokenizer"],
         }
 
-    def component_scores(self, queries: list[str], documents: list[str]) -> list[np.ndarray]:
+    def component_scores(
+        self, queries: list[str], documents: list[str], query_prompt: str | None = None
+    ) -> list[np.ndarray]:
         """BM25's and the dense model's score matrices, each ``[Q, D]``."""
-        return [self.bm25.score_matrix(queries, documents), self.dense.score_matrix(queries, documents)]
+        return [self.bm25.score_matrix(queries, documents), self.dense.score_matrix(queries, documents, query_prompt)]
 
-    def count_truncated(self, texts: list[str], role: Role) -> int | None:
+    def count_truncated(self, texts: list[str], role: Role, query_prompt: str | None = None) -> int | None:
         """The dense model's truncation (BM25 reads whole texts)."""
-        return self.dense.count_truncated(texts, role)
+        return self.dense.count_truncated(texts, role, query_prompt)
 
 
 def rrf_fuse(

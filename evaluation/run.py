@@ -13,6 +13,9 @@ tasks (beir, esci); it has no embeddings of its own, so STS, probes and mteb ski
 - ``beir:DIR``   retrieval over the whole corpus, top 100 kept per query → ``ndcg@10``, ``recall@100``, ``mrr@10``
 - ``esci:DIR``   ESCI re-ranking: each query ranks only its judged products → the same metrics plus
   ``exact_over_substitute``
+- ``beir:DIR@PROMPT`` / ``esci:DIR@PROMPT``: the queries are encoded with the model's prompt named ``PROMPT`` (the
+  set's instruction task, e.g. ``finance_qa``; ours defines one per task) where the model has one, else with its
+  ``query`` prompt; the prompt used is noted as ``query_prompt``
 - ``sts:FILE``   ``spearman`` (mean over languages) and ``spearman_<lang>``
 - ``probe:FILE`` TSV with ``text``/``label`` → ``accuracy``, ``macro_f1`` (cross-validated logistic regression) and
   ``v_measure`` (k-means)
@@ -69,10 +72,11 @@ TASK_KINDS = ("beir", "esci", "sts", "probe", "mteb")
 
 @dataclass
 class TaskSpec:
-    """A parsed ``KIND:TARGET`` task argument."""
+    """A parsed ``KIND:TARGET[@PROMPT]`` task argument."""
 
     kind: str
     target: str
+    query_prompt: str | None = None  # retrieval kinds: the name of the queries' prompt
 
     @property
     def name(self) -> str:
@@ -84,11 +88,17 @@ class TaskSpec:
 
 
 def parse_task(spec: str) -> TaskSpec:
-    """Split ``KIND:TARGET``; an unknown kind is an error listing the known ones."""
+    """Split ``KIND:TARGET[@PROMPT]`` (``@PROMPT`` only for beir and esci: what follows the last ``@`` when it holds
+    no path separator); an unknown kind is an error listing the known ones."""
     kind, sep, target = spec.partition(":")
     if not sep or kind not in TASK_KINDS or not target:
         raise ValueError(f"--task {spec}: expected KIND:TARGET with KIND one of {', '.join(TASK_KINDS)}")
-    return TaskSpec(kind, target)
+    path, at, prompt = target.rpartition("@")
+    if not at or "/" in prompt or kind not in ("beir", "esci"):
+        return TaskSpec(kind, target)
+    if not path or not prompt:
+        raise ValueError(f"--task {spec}: expected {kind}:DIR@PROMPT with both a folder and a prompt name")
+    return TaskSpec(kind, path, prompt)
 
 
 def _check_mteb_task(name: str) -> None:
@@ -124,12 +134,16 @@ def _no_embeddings(model: Bm25Model | HybridModel, spec: TaskSpec) -> tuple[dict
 
 
 def _fused_scores(
-    model: HybridModel, data: RetrievalSet, candidates: list[np.ndarray] | None, doc_index: dict[str, int]
+    model: HybridModel,
+    data: RetrievalSet,
+    candidates: list[np.ndarray] | None,
+    doc_index: dict[str, int],
+    query_prompt: str | None,
 ) -> np.ndarray:
     """RRF scores ``[Q, D]`` of BM25's and the dense model's rankings, each the top 100 (or every candidate)."""
     rankings = [
         [[data.doc_ids[i] for i in ranked] for ranked in rank_documents(scores, data.doc_ids, candidates)]
-        for scores in model.component_scores(data.query_texts, data.doc_texts)  # each [Q, D]
+        for scores in model.component_scores(data.query_texts, data.doc_texts, query_prompt)  # each [Q, D]
     ]
     return rrf_fuse(data.query_ids, rankings, doc_index)
 
@@ -142,13 +156,16 @@ def _retrieval(model: Bm25Model | DenseModel | HybridModel, data: RetrievalSet, 
     if spec.kind == "esci":
         candidates = [np.array([doc_index[d] for d in data.qrels[qid]]) for qid in data.query_ids]
     if isinstance(model, HybridModel):
-        scores = _fused_scores(model, data, candidates, doc_index)  # [Q, D]
+        scores = _fused_scores(model, data, candidates, doc_index, spec.query_prompt)  # [Q, D]
     else:
-        scores = model.score_matrix(data.query_texts, data.doc_texts)  # [Q, D]
+        scores = model.score_matrix(data.query_texts, data.doc_texts, spec.query_prompt)  # [Q, D]
     note: dict[str, Any] = {
-        "truncated_queries": model.count_truncated(data.query_texts, "query"),
+        "truncated_queries": model.count_truncated(data.query_texts, "query", spec.query_prompt),
         "truncated_documents": model.count_truncated(data.doc_texts, "document"),
     }
+    dense = model.dense if isinstance(model, HybridModel) else model
+    if isinstance(dense, DenseModel):
+        note["query_prompt"] = dense.prompt_name("query", spec.query_prompt)
     rankings = rank_documents(scores, data.doc_ids, candidates)
     metrics = retrieval_metrics(
         data.qrels, {qid: [data.doc_ids[i] for i in ranked] for qid, ranked in zip(data.query_ids, rankings)}

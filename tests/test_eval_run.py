@@ -178,3 +178,34 @@ def test_a_model_failing_at_run_time_keeps_the_others_results(
     err = capsys.readouterr().err
     assert f"error: --model {broken} failed: RuntimeError: cannot read the weights (the other results are in " in err
     assert f"- error: {broken} failed: RuntimeError: cannot read the weights" in (tmp_path / "table.md").read_text()
+
+
+def test_a_task_prompt_encodes_its_queries_with_the_model_prompt_of_that_name(
+    beir_dir: Path, tiny_st_dir: Path, tmp_path: Path
+) -> None:
+    """``beir:DIR@finance_qa``: queries get the model's ``finance_qa`` prompt (noted as ``query_prompt``), documents
+    none; a model without that prompt falls back to its ``query`` prompt; the metrics equal a ranking built by hand."""
+    from sentence_transformers import SentenceTransformer
+
+    folder = tmp_path / "st_prompts"
+    model = SentenceTransformer(str(tiny_st_dir))
+    model.prompts = {"query": "red ", "finance_qa": "cable cable ", "document": ""}
+    model.save(str(folder))
+    data = load_beir(beir_dir)
+    expected = {}
+    for prompt in ("cable cable ", "red "):
+        queries = model.encode([prompt + text for text in data.query_texts], convert_to_tensor=True)
+        documents = model.encode(data.doc_texts, convert_to_tensor=True)
+        ranked = rank_documents(model.similarity(queries, documents).numpy(), data.doc_ids, None)
+        expected[prompt] = retrieval_metrics(
+            data.qrels, {q: [data.doc_ids[i] for i in r] for q, r in zip(data.query_ids, ranked)}
+        )
+    assert expected["cable cable "] != expected["red "]  # the prompt changes the ranking: the test can fail
+    results = run.evaluate([str(folder)], [f"beir:{beir_dir}@finance_qa", f"esci:{beir_dir}@no_such_task"])
+    assert results["tasks"]["beir:shop"][str(folder)] == pytest.approx(expected["cable cable "])
+    assert results["notes"]["beir:shop"][str(folder)]["query_prompt"] == "finance_qa"
+    assert results["notes"]["esci:shop"][str(folder)]["query_prompt"] == "query"
+    assert run.parse_task("beir:runs/a@b/dir") == run.TaskSpec("beir", "runs/a@b/dir")
+    assert run.parse_task("sts:file@x.tsv") == run.TaskSpec("sts", "file@x.tsv")
+    with pytest.raises(ValueError, match="expected beir:DIR@PROMPT with both a folder and a prompt name"):
+        run.parse_task("beir:dir@")

@@ -199,3 +199,27 @@ def test_sample_sts_keeps_the_same_pairs_in_every_language(tmp_path) -> None:
     assert by_lang["en"] == by_lang["de"] and len(by_lang["en"]) == 3
     assert set(kept) <= set(rows)  # lines copied unchanged
     assert quickstart.sample_sts(source, 3, tmp_path / "again.tsv").read_text() == sample.read_text()
+
+
+def test_held_out_sets_are_evaluated_with_their_instruction_task(tmp_path: Path) -> None:
+    """Each held-out retrieval set is evaluated with the prompt of the task its train side was trained with
+    (``retrieval_sets``), a whole ``dev/`` set with the model's default query prompt."""
+    from test_evaluation import write_beir
+
+    config = yaml.safe_load(quickstart.DEFAULT_CONFIG.read_text(encoding="utf-8"))
+    shared = tmp_path / "shared"
+    (shared / "raw").mkdir(parents=True)
+    (shared / "raw" / "text.jsonl").write_text('{"text": "some finance text"}\n', encoding="utf-8")
+    corpus = [{"_id": f"d{i}", "text": f"document {i}"} for i in range(10)]
+    queries = [{"_id": f"q{i}", "text": f"question {i}"} for i in range(10)]
+    for name in ("tatqa_finance_dev", "esci_us_dev"):
+        write_beir(shared / "retrieval" / name, corpus, queries, [(f"q{i}", f"d{i}", 1) for i in range(10)])
+    write_beir(shared / "dev", corpus, queries, [(f"q{i}", f"d{i}", 1) for i in range(10)])
+    data = quickstart.find_data(shared)
+    tasks = quickstart.eval_tasks(config, data, config["phase2"], tmp_path / "out")
+    heldout = tmp_path / "out" / "data" / "heldout"
+    assert tasks == [
+        f"beir:{shared / 'dev'}",
+        f"esci:{heldout / 'esci_us_dev'}@product_search",
+        f"beir:{heldout / 'tatqa_finance_dev'}@finance_qa",
+    ]

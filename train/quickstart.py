@@ -353,15 +353,17 @@ def save_untrained(phase1_raw: Mapping[str, Any], phase2_raw: Mapping[str, Any],
 
 
 def eval_tasks(config: Mapping[str, Any], data: DataFolder, phase2_raw: Mapping[str, Any], out: Path) -> list[str]:
-    """``evaluation.run`` task arguments: every ``dev/`` set whole, and the held-out side of every retrieval set
-    (written with the split phase 2 trained on)."""
+    """``evaluation.run`` task arguments: every ``dev/`` set whole (queries with the model's default ``query``
+    prompt, as ``encode_query`` gives a user), and the held-out side of every retrieval set (written with the split
+    phase 2 trained on), its queries with the prompt of the set's instruction task (``@task``), as trained."""
     tasks = [f"beir:{folder}" for folder in data.dev_sets]
     for folder in data.split_sets:
         heldout = write_heldout_beir(
             folder, out / "data" / "heldout" / folder.name,
             train_fraction=phase2_raw["split_fraction"], seed=phase2_raw["split_seed"],
         )  # fmt: skip
-        tasks.append(f"{retrieval_spec(config, folder)['kind']}:{heldout}")
+        spec = retrieval_spec(config, folder)
+        tasks.append(f"{spec['kind']}:{heldout}@{spec['task']}")
     per_language = config["evaluation"]["sts_pairs_per_language"]
     for path in data.sts_dev:
         tasks.append(f"sts:{sample_sts(path, per_language, out / 'data' / 'heldout' / path.name)}")
