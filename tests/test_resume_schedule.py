@@ -16,6 +16,7 @@ from accelerate.state import AcceleratorState, GradientState
 from test_phase1 import _config, corpus, fresh_accelerate_state, one_thread, tokenizer_dir  # noqa: F401 (fixtures)
 from test_phase2 import read_log, tiny_config, workspace  # noqa: F401 (fixture)
 from train import phase1
+from train import common
 from train.common import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,13 +106,13 @@ def test_temperature_has_its_own_group_and_moves(workspace, tmp_path, monkeypatc
     import train.phase2 as phase2
 
     optimizers = []
-    real_build = phase2.build_optimizer
+    real_build = common.build_optimizer
 
     def spy(*args, **kwargs):
         optimizers.append(real_build(*args, **kwargs))
         return optimizers[-1]
 
-    monkeypatch.setattr(phase2, "build_optimizer", spy)
+    monkeypatch.setattr(common, "build_optimizer", spy)
     moved = {}
     for name, extra in (("own", ()), ("shared", ("temperature_learning_rate=1e-3",))):
         phase2.train(tiny_config(workspace, tmp_path / name, *extra))

@@ -172,11 +172,7 @@ class Phase1Config(ChromaMoeRunConfig):
 
     def _check_data_entry(self, index: int, entry: Any) -> None:
         where = f"data[{index}]"
-        if not isinstance(entry, Mapping):
-            raise ConfigError(f"config key {where!r}={entry!r}: expected a mapping with spec, weight, text_field")
-        unknown = sorted(set(entry) - DATA_ENTRY_KEYS)
-        if unknown:
-            raise ConfigError(f"config key {where!r}: unknown field(s) {unknown}; allowed: {sorted(DATA_ENTRY_KEYS)}")
+        common.check_entry(where, entry, DATA_ENTRY_KEYS, "spec, weight, text_field")
         if not isinstance(entry.get("spec"), str) or not entry["spec"]:
             raise ConfigError(
                 f"config key '{where}.spec'={entry.get('spec')!r}: expected a file path or Hub dataset id"
@@ -571,12 +567,7 @@ def run(config: Phase1Config | Mapping[str, Any]) -> Phase1Result:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = common.config_from_command_line(
-        Phase1Config, argv, prog="accelerate launch train/phase1.py",
-        description="Phase-1 masked-LM pretraining of Chroma-MoE (see the module docstring).",
-        example="train/configs/phase1_small.yaml",
-    )  # fmt: skip
-    result = run(cfg)
+    result = run(Phase1Config.from_command_line(argv, "phase1", "Phase-1 masked-LM pretraining of Chroma-MoE"))
     if result.losses and PartialState().is_main_process:
         logger.info(
             f"steps {result.first_step + 1}-{result.first_step + len(result.losses)}: loss {result.losses[0]:.4f} -> "

@@ -111,6 +111,15 @@ class ChromaMoeRunConfig:
         if "preset" in self.model:
             self.model_config()
 
+    @classmethod
+    def from_command_line(cls, argv: Sequence[str] | None, script: str, description: str) -> ChromaMoeRunConfig:
+        """The run config of ``accelerate launch train/<script>.py --config YAML [key=value ...] [--resume
+        [CHECKPOINT]]`` (``common.config_from_command_line``)."""
+        return common.config_from_command_line(
+            cls, argv, prog=f"accelerate launch train/{script}.py", description=f"{description} (see the module docstring).",
+            example=f"train/configs/{script}_small.yaml",
+        )  # fmt: skip
+
     def model_config(self) -> ChromaMoeConfig:
         """The config of a fresh model: ``model.preset`` with the other ``model`` keys as overrides."""
         overrides = {key: value for key, value in self.model.items() if key != "preset"}
