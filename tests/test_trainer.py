@@ -1,5 +1,5 @@
-"""The shared training skeleton (train/trainer.py) as both phases use it: phase 2's dev evaluation gives the same metrics
-and embeddings on 2 processes as on 1, through the DDP-prepared model and through an FSDP2-sharded one (whose forward is
+"""The shared training skeleton (train/trainer.py) as both phases use it: phase 2's dev evaluation gives the same
+metrics and embeddings on 2 processes as on 1, through the DDP-prepared model and through an FSDP2-sharded one (whose forward is
 collective: the old rank-0-only evaluation would hang there); phase 2's final folder holds exactly the trained weights
 (it is written from the state every process gathers) and loads; the shared config base keeps each phase's defaults.
 
@@ -19,7 +19,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from test_phase2 import tiny_config, workspace  # noqa: F401 (a fixture); tests/ is on sys.path here and in the worker
+# tests/ is on sys.path under pytest and when this file runs as the worker
+from test_phase2 import one_thread, tiny_config, workspace  # noqa: F401 (fixtures)
 from test_phase2_distributed import _free_port
 
 REPO = Path(__file__).resolve().parents[1]

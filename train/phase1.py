@@ -36,8 +36,8 @@
   ``output_dir/train_log.jsonl`` (without the per-expert shares); a routing heatmap PNG in every checkpoint; a tqdm
   bar with ETA.
 - Checkpoints (``output_dir/checkpoints``): model safetensors, optimizer, scheduler, RNG states, data position, written
-  atomically every ``checkpoint_every`` steps and at the end; ``--resume`` continues with exactly the losses of an
-  uninterrupted run (``resume=auto`` without a checkpoint starts fresh). The lr schedule is not taken from the
+  atomically every ``checkpoint_every`` steps and at the end (0: none); ``--resume`` continues with exactly the losses
+  of an uninterrupted run (``resume=auto`` without a checkpoint starts fresh). The lr schedule is not taken from the
   checkpoint: a resumed run continues at its step on the schedule its current config gives
   (``train.trainer.SCHEDULE_KEYS``; a changed one is logged as a warning), so resuming a finished 6-step run with
   ``max_steps=12`` trains steps 7-12 at a fresh 12-step run's lrs. A NaN/inf loss stops the run and keeps the last
@@ -157,12 +157,14 @@ class Phase1Config(ChromaMoeRunConfig):
             self._check_data_entry(index, entry)
         model_config = self.model_config()
         if self.seq_len > model_config.max_position_embeddings:
-            self.refuse("seq_len", f"exceeds the model's max_position_embeddings={model_config.max_position_embeddings}")
+            limit = model_config.max_position_embeddings
+            self.refuse("seq_len", f"exceeds the model's max_position_embeddings={limit}")
         if self.upcycle_at is not None:
             if not 0 < self.upcycle_at < 1:
                 self.refuse("upcycle_at", "must be a fraction of max_steps in (0, 1), or null")
             if not 1 <= self.upcycle_step < self.max_steps:
-                self.refuse("upcycle_at", f"gives upcycling step {self.upcycle_step}, outside [1, max_steps={self.max_steps})")
+                why = f"gives upcycling step {self.upcycle_step}, outside [1, max_steps={self.max_steps})"
+                self.refuse("upcycle_at", why)
             dense_config_for(model_config)
             if not model_config.norm_topk_prob:
                 raise ConfigError(

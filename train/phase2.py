@@ -4,8 +4,8 @@
 
 (overrides may come before or after `--resume`; see `train.common.config_from_command_line`).
 
-Starts from a phase-1 folder (`init_from`: a masked-LM checkpoint loads into `ChromaMoeForEmbedding` with a fresh pooling
-head) or from a fresh preset. Each optimizer step embeds a global batch of (instructed query, positive, hard negatives)
+Starts from a phase-1 folder (`init_from`: a masked-LM checkpoint loads into `ChromaMoeForEmbedding` with a fresh
+pooling head) or from a fresh preset. Each optimizer step embeds a global batch of (instructed query, positive, hard negatives)
 with GradCache (`train.contrastive`), so the batch size is not bounded by memory; with several processes every query
 is scored against the documents of all processes. The loop is `train.trainer.ChromaMoeTrainer`'s (shared with phase 1:
 AdamW with warmup + cosine, gradient clipping, a NaN/inf guard, atomic checkpoints holding model, optimizer, scheduler,
@@ -464,25 +464,28 @@ class Phase2Trainer(ChromaMoeTrainer):
             )
         world = accelerator.num_processes
         if cfg.global_batch_size % world:
-            raise ConfigError(f"config key 'global_batch_size'={cfg.global_batch_size} is not divisible by the {world} processes")
+            cfg.refuse("global_batch_size", f"is not divisible by the {world} processes")
         local_batch = cfg.global_batch_size // world
 
         torch.manual_seed(cfg.seed)
         model, self.tokenizer = build_model(cfg)
-        encoder = ChromaMoeSentenceEncoder(model, self.tokenizer, max_seq_length=max(cfg.max_query_length, cfg.max_document_length))
-        self.collator = PairCollator(encoder, cfg.max_query_length, cfg.max_document_length, cfg.max_negatives_per_query)
+        lengths = (cfg.max_query_length, cfg.max_document_length)
+        encoder = ChromaMoeSentenceEncoder(model, self.tokenizer, max_seq_length=max(lengths))
+        self.collator = PairCollator(encoder, *lengths, cfg.max_negatives_per_query)
         with accelerator.main_process_first():
             self.pairs = load_training_pairs(cfg, self.output_dir / pair_stream.PAIRS_DIR)
             self.dev = load_dev_set(cfg) if cfg.dev_beir else None
-        self.sampler = pair_stream.ChromaMoePairSampler(self.pairs.sizes, self.pairs.names, cfg.global_batch_size, cfg.seed,
-                                                        cfg.batch_sampling, cfg.source_alpha)  # fmt: skip
+        self.sampler = pair_stream.ChromaMoePairSampler(
+            self.pairs.sizes, self.pairs.names, cfg.global_batch_size, cfg.seed, cfg.batch_sampling, cfg.source_alpha
+        )
         tasks = {entry["task"] for entry in cfg.train_sources} | ({cfg.dev_task} if self.dev else set())
         check_instruction_fits(self.tokenizer, tasks, cfg.max_query_length)
 
         self.loss_fn = InfoNCELoss(
             cfg.temperature, (cfg.temperature_min, cfg.temperature_max), cfg.symmetric_loss, cfg.matryoshka_dims
         ).to(accelerator.device)
-        temperature = {"params": [self.loss_fn.log_temperature], "lr": cfg.temperature_learning_rate, "weight_decay": 0.0}
+        temperature = {"params": [self.loss_fn.log_temperature], "lr": cfg.temperature_learning_rate,
+                       "weight_decay": 0.0}  # fmt: skip
         self.prepare(model, local_batch, extra_groups=[temperature], checkpointed=[self.loss_fn])
         self.load_resume()
         self.distillation = build_distillation(cfg, self.output_dir, self.pairs, self.sampler, self.start_step,
@@ -500,13 +503,16 @@ class Phase2Trainer(ChromaMoeTrainer):
         batch = self.collator(records)
         if self.distillation is not None:
             batch = self.distillation.attach(batch, records)
+        distill_fn = None if self.distillation is None else self.distillation.loss
         output = grad_cache_step(
             self.model, self.loss_fn, batch.to(acc.device), self.cfg.chunk_size, backward=acc.backward,
-            no_sync=lambda: acc.no_sync(self.model), distill_fn=None if self.distillation is None else self.distillation.loss,
+            no_sync=lambda: acc.no_sync(self.model), distill_fn=distill_fn,
         )  # fmt: skip
         loss = float(acc.reduce(output.loss.to(acc.device), reduction="mean"))
-        counts = acc.reduce(torch.stack(output.expert_counts).to(acc.device), reduction="sum") if output.expert_counts else None
-        grad_norm, lrs = self.optimizer_step(step, loss, counts)  # counts: (moe_layers, experts)
+        counts = None  # (moe_layers, experts) over the global batch
+        if output.expert_counts:
+            counts = acc.reduce(torch.stack(output.expert_counts).to(acc.device), reduction="sum")
+        grad_norm, lrs = self.optimizer_step(step, loss, counts)
         self.loss_fn.clamp_()
         figures = {"aux_loss": output.aux_loss, **output.distill}
         values = {name: float(acc.reduce(value.to(acc.device), reduction="mean")) for name, value in figures.items()}
@@ -514,7 +520,7 @@ class Phase2Trainer(ChromaMoeTrainer):
         return ChromaMoeStepStats(loss, grad_norm, lrs, counts, values)
 
     def metrics(self, window: list[ChromaMoeStepStats]) -> dict[str, float]:
-        """The last step's figures (loss, balance loss, temperature, distillation terms, the temperature's lr, texts/s)."""
+        """The last step's figures: loss, balance loss, temperature, distillation terms, the temperature's lr, texts/s."""
         last = window[-1]
         return {
             "train/loss": last.loss,
@@ -528,7 +534,9 @@ class Phase2Trainer(ChromaMoeTrainer):
         cfg, dev = self.cfg, self.dev
         if dev is None or not ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
             return {}
-        self.dev_metrics = evaluate_retrieval(self.model, self.collator, dev, cfg.dev_task, cfg.eval_batch_size, self.acc)
+        self.dev_metrics = evaluate_retrieval(
+            self.model, self.collator, dev, cfg.dev_task, cfg.eval_batch_size, self.acc
+        )
         self.info(f"dev ({len(dev.query_ids)} queries, {len(dev.doc_ids)} documents): {json.dumps(self.dev_metrics)}")
         return {f"dev/{name}": value for name, value in self.dev_metrics.items()}
 

@@ -17,6 +17,7 @@ Functions of ``train.common`` are called through the module, so a test patches t
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import inspect
 import json
@@ -116,8 +117,8 @@ class ChromaMoeRunConfig:
         """The run config of ``accelerate launch train/<script>.py --config YAML [key=value ...] [--resume
         [CHECKPOINT]]`` (``common.config_from_command_line``)."""
         return common.config_from_command_line(
-            cls, argv, prog=f"accelerate launch train/{script}.py", description=f"{description} (see the module docstring).",
-            example=f"train/configs/{script}_small.yaml",
+            cls, argv, prog=f"accelerate launch train/{script}.py",
+            description=f"{description} (see the module docstring).", example=f"train/configs/{script}_small.yaml",
         )  # fmt: skip
 
     def model_config(self) -> ChromaMoeConfig:
@@ -153,7 +154,7 @@ class ChromaMoeStepStats:
     seconds: float = 0.0
 
 
-class ChromaMoeTrainer:
+class ChromaMoeTrainer(abc.ABC):
     """The Accelerate loop shared by both phases; a phase subclass builds its model and data, then ``train()`` runs.
 
     The subclass's ``__init__`` calls this one (which finds the checkpoint to resume, before anything is built), then
@@ -235,13 +236,13 @@ class ChromaMoeTrainer:
 
     # ---- what a phase supplies -----------------------------------------------------------------------------------
 
+    @abc.abstractmethod
     def step(self, step: int) -> ChromaMoeStepStats:
         """Optimizer step ``step`` (0-based): this process's batches, forward and backward, then ``optimizer_step``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def metrics(self, window: list[ChromaMoeStepStats]) -> dict[str, float]:
         """The phase's log figures over the steps since the last log (besides lr, grad norm and expert load)."""
-        raise NotImplementedError
 
     def events(self, step: int, stats: ChromaMoeStepStats | None) -> dict[str, float]:
         """Figures to log at ``step`` off the cadence (``stats`` is None at step 0 of a fresh run). Collective: every
@@ -252,18 +253,18 @@ class ChromaMoeTrainer:
         """(JSON-able trainer state beside the step and config, a writer of extra files into the checkpoint folder)."""
         return {}, None
 
+    @abc.abstractmethod
     def write_final(self, folder: Path, state_dict: dict[str, torch.Tensor]) -> None:
         """Write the final model folder from the full ``state_dict`` (empty on processes that hold none). Every
         process calls it; only the main one writes."""
-        raise NotImplementedError
 
     # ---- the step tail, logs, checkpoints ------------------------------------------------------------------------
 
     def optimizer_step(
         self, step: int, loss: float, expert_counts: torch.Tensor | None
     ) -> tuple[float, list[float]]:
-        """After the step's backward passes: clip, stop on a non-finite ``loss`` or gradient norm, step the optimizer and
-        the schedule, zero the gradients, move the routers' balancing biases by the step's global ``expert_counts``
+        """After the step's backward passes: clip, stop on a non-finite ``loss`` or gradient norm, step the optimizer
+        and the schedule, zero the gradients, move the routers' balancing biases by the step's global ``expert_counts``
         ``(moe_layers, experts)``. Returns (gradient norm before clipping, each param group's lr of this step)."""
         grad_norm = float(self.acc.clip_grad_norm_(self.clip_parameters, self.cfg.max_grad_norm or math.inf))
         common.raise_if_not_finite({"loss": loss, "grad_norm": grad_norm}, step + 1, self.last_checkpoint)
