@@ -47,18 +47,18 @@ class Phase1Killer:
     Killed = KilledAfterCheckpoint
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        import train.phase1 as phase1
+        from train import common  # the trainer calls common.save_checkpoint through the module
 
-        self._phase1, self._monkeypatch, self._real_save = phase1, monkeypatch, phase1.save_checkpoint
+        self._common, self._monkeypatch, self._real_save = common, monkeypatch, common.save_checkpoint
 
     def _save_then_die(self, *args, **kwargs):
         raise KilledAfterCheckpoint(self._real_save(*args, **kwargs))
 
     def arm(self) -> None:
-        self._monkeypatch.setattr(self._phase1, "save_checkpoint", self._save_then_die)
+        self._monkeypatch.setattr(self._common, "save_checkpoint", self._save_then_die)
 
     def disarm(self) -> None:
-        self._monkeypatch.setattr(self._phase1, "save_checkpoint", self._real_save)
+        self._monkeypatch.setattr(self._common, "save_checkpoint", self._real_save)
 
 
 @pytest.fixture

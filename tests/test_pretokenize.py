@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from test_scale_out import _launch  # the DDP launcher of tests/test_scale_out.py
 from transformers import AutoTokenizer
 
-from train import mlm_data, phase1
+from train import common, mlm_data, phase1
 from train.common import ConfigError, TRAINER_STATE_FILE
 from train.pretokenize import BlockOrder, PackedBlockShards, pretokenize
 from train.pretokenize import main as pretokenize_main
@@ -176,7 +176,7 @@ def test_checkpoint_size_does_not_grow_with_steps(tiny_phase1_config, tmp_path, 
     if path == "pretokenized":
         config = _pretokenized(config, tmp_path / "blocks")
     sizes = {}
-    real_save = phase1.save_checkpoint
+    real_save = common.save_checkpoint
 
     def save_and_measure(*args, **kwargs):
         folder = real_save(*args, **kwargs)
@@ -185,7 +185,7 @@ def test_checkpoint_size_does_not_grow_with_steps(tiny_phase1_config, tmp_path, 
         sizes[state["step"]] = (len(json.dumps(state["data"])), buffer.stat().st_size if buffer.exists() else 0)
         return folder
 
-    monkeypatch.setattr(phase1, "save_checkpoint", save_and_measure)
+    monkeypatch.setattr(common, "save_checkpoint", save_and_measure)
     phase1.run(config)
     (data_2, buffer_2), (data_8, buffer_8) = sizes[2], sizes[8]
     assert abs(data_8 - data_2) <= 4, sizes

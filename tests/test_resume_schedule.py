@@ -5,6 +5,7 @@ learnable temperature's own optimizer group (issue 14)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -16,6 +17,7 @@ from accelerate.state import AcceleratorState, GradientState
 from test_phase1 import _config, corpus, fresh_accelerate_state, one_thread, tokenizer_dir  # noqa: F401 (fixtures)
 from test_phase2 import read_log, tiny_config, workspace  # noqa: F401 (fixture)
 from train import phase1
+from train import common
 from train.common import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,6 +55,16 @@ def test_phase1_resume_rebuilds_the_schedule_from_the_current_config(tokenizer_d
     assert len(warnings) == 1
     assert "['max_steps', 'warmup_steps', 'learning_rate', 'min_learning_rate']" in warnings[0]
     assert "max_steps: 6 -> 12" in warnings[0] and "learning_rate: 0.003 -> 0.002" in warnings[0]
+
+
+def test_phase1_resume_auto_without_a_checkpoint_starts_fresh(tokenizer_dir, corpus, tmp_path):
+    """`resume=auto` into an empty output_dir trains from step 1 exactly like a fresh run (both phases: issue 15)."""
+    fresh = phase1.run(_config(tokenizer_dir, corpus, tmp_path / "fresh", max_steps=4))
+    _reset_accelerate()
+    auto = phase1.run(_config(tokenizer_dir, corpus, tmp_path / "auto", max_steps=4, resume="auto"))
+    assert auto.first_step == 0 and len(auto.losses) == 4
+    assert auto.losses == fresh.losses and auto.learning_rates == fresh.learning_rates
+    assert [json.loads(line)["step"] for line in (tmp_path / "auto" / "train_log.jsonl").read_text().splitlines()] == [4]
 
 
 def test_phase1_resume_refuses_a_max_steps_that_moves_upcycling_back(tokenizer_dir, corpus, tmp_path, phase1_killer):
@@ -105,13 +117,13 @@ def test_temperature_has_its_own_group_and_moves(workspace, tmp_path, monkeypatc
     import train.phase2 as phase2
 
     optimizers = []
-    real_build = phase2.build_optimizer
+    real_build = common.build_optimizer
 
     def spy(*args, **kwargs):
         optimizers.append(real_build(*args, **kwargs))
         return optimizers[-1]
 
-    monkeypatch.setattr(phase2, "build_optimizer", spy)
+    monkeypatch.setattr(common, "build_optimizer", spy)
     moved = {}
     for name, extra in (("own", ()), ("shared", ("temperature_learning_rate=1e-3",))):
         phase2.train(tiny_config(workspace, tmp_path / name, *extra))

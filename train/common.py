@@ -175,6 +175,16 @@ def config_from_dict(cls: type[ConfigT], raw: Mapping[str, Any], source: str = "
     return cls(**values)
 
 
+def check_entry(where: str, entry: Any, allowed: frozenset[str], expected: str) -> None:
+    """A config list's entry (``where``, e.g. ``data[0]``) must be a mapping whose keys are among ``allowed``;
+    ``expected`` names them for the error (``spec, weight, text_field``)."""
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"config key {where!r}={entry!r}: expected a mapping with {expected}")
+    unknown = sorted(set(entry) - allowed)
+    if unknown:
+        raise ConfigError(f"config key {where!r}: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+
+
 def load_config(cls: type[ConfigT], path: str | Path | None, overrides: Sequence[str] = ()) -> ConfigT:
     """Read a YAML config file (or start from the defaults when ``path`` is None), apply overrides, validate."""
     raw: dict[str, Any] = {}

@@ -29,16 +29,20 @@
   and becomes gradient accumulation: ``global_batch_tokens / (per_device_batch_size · seq_len · processes)``.
 - Dense → MoE upcycling (``upcycle_at``): a dense model (``train.upcycle.dense_config_for``) trains for that fraction of
   the steps, then becomes the MoE model with the same output, and AdamW's moments are carried over.
+- The loop is ``train.trainer.ChromaMoeTrainer``'s (shared with phase 2); this module supplies the batches, the
+  masked-LM loss and its metrics, the upcycling switch and the data position of a checkpoint.
 - Monitoring: loss, MLM accuracy, balance loss, lr, gradient norm, tokens/s and, per MoE layer, the expert-load shares,
-  their normalised entropy and max/mean, through Accelerate's tensorboard tracker (``output_dir/logs``); a routing
-  heatmap PNG in every checkpoint; a tqdm bar with ETA.
+  their normalised entropy and max/mean, through Accelerate's tensorboard tracker (``output_dir/logs``) and
+  ``output_dir/train_log.jsonl`` (without the per-expert shares); a routing heatmap PNG in every checkpoint; a tqdm
+  bar with ETA.
 - Checkpoints (``output_dir/checkpoints``): model safetensors, optimizer, scheduler, RNG states, data position, written
-  atomically every ``checkpoint_every`` steps and at the end; ``--resume`` continues with exactly the losses of an
-  uninterrupted run. The lr schedule is not taken from the checkpoint: a resumed run continues at its step on the
-  schedule its current config gives (``SCHEDULE_KEYS``; a changed one is logged as a warning), so resuming a finished
-  6-step run with ``max_steps=12`` trains steps 7-12 at a fresh 12-step run's lrs. A NaN/inf loss stops the run and
-  keeps the last good checkpoint. The final model goes to
-  ``output_dir/final`` (``save_pretrained`` + tokenizer): it loads with ``AutoModelForMaskedLM`` and ``AutoModel``.
+  atomically every ``checkpoint_every`` steps and at the end (0: none); ``--resume`` continues with exactly the losses
+  of an uninterrupted run (``resume=auto`` without a checkpoint starts fresh). The lr schedule is not taken from the
+  checkpoint: a resumed run continues at its step on the schedule its current config gives
+  (``train.trainer.SCHEDULE_KEYS``; a changed one is logged as a warning), so resuming a finished 6-step run with
+  ``max_steps=12`` trains steps 7-12 at a fresh 12-step run's lrs. A NaN/inf loss stops the run and keeps the last
+  good checkpoint. The final model goes to ``output_dir/final`` (``save_pretrained`` from the state every process
+  gathers, + tokenizer): it loads with ``AutoModelForMaskedLM`` and ``AutoModel``.
 """
 
 from __future__ import annotations
@@ -50,12 +54,9 @@ if __package__ in (None, ""):  # run as a script (accelerate launch train/phase1
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dataclasses
-import inspect
 import logging
-import shutil
-import time
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -63,53 +64,24 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from configuration_chroma_moe import PRESETS, ChromaMoeConfig
+from configuration_chroma_moe import ChromaMoeConfig
 from modeling_chroma_moe import ChromaMoeForMaskedLM
-from train.common import (
-    MIXED_PRECISION_CHOICES,
-    ConfigError,
-    build_optimizer,
-    build_scheduler,
-    config_from_command_line,
-    config_from_dict,
-    configure_deepspeed,
-    expand_path,
-    expert_load_stats,
-    flatten_for_tracker,
-    gradient_accumulation_steps,
-    load_checkpoint,
-    make_accelerator,
-    raise_if_not_finite,
-    read_trainer_state,
-    resolve_resume,
-    save_checkpoint,
-    save_routing_heatmap,
-)
+from train import common, mlm_data
+from train.common import ConfigError, expand_path
 from train.data import TextSourceSpec, build_text_stream
-from train.mlm_data import (
-    BatchLayout,
-    MlmMasker,
-    PackedBlocks,
-    ShardMicroBatches,
-    onthefly_micro_batches,
-    shard_loader,
-)
+from train.mlm_data import PackedBlocks
 from train.pretokenize import BlockOrder, PackedBlockShards, tokenizer_hash
+from train.trainer import ChromaMoeRunConfig, ChromaMoeStepStats, ChromaMoeTrainer
 from train.upcycle import dense_config_for, upcycle_model, upcycle_tensors
 
 logger = logging.getLogger(__name__)
 
 DATA_BUFFER_FILE = "data_buffer.npy"
-HEATMAP_FILE = "routing_heatmap.png"
 # Keys whose change would make a resumed run a different run (data, model, batch): such a resume is refused.
 RESUME_FIXED_KEYS = ("data", "model", "seed", "seq_len", "global_batch_tokens", "min_chars", "max_chars", "dedup",
                      "mlm_probability", "span_masking", "upcycle_at")  # fmt: skip
-# Keys that shape the lr schedule: a resume with them changed continues on the schedule they give now (with a warning).
-SCHEDULE_KEYS = ("max_steps", "warmup_steps", "learning_rate", "min_learning_rate")
-MODEL_CONFIG_KEYS = frozenset(inspect.signature(ChromaMoeConfig.__init__).parameters) - {"self", "kwargs"}
 DATA_ENTRY_KEYS = frozenset(f.name for f in dataclasses.fields(TextSourceSpec))
 
 
@@ -118,9 +90,11 @@ DATA_ENTRY_KEYS = frozenset(f.name for f in dataclasses.fields(TextSourceSpec))
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Phase1Config:
-    """Phase-1 run configuration (YAML keys; ``key=value`` on the command line overrides them).
+@dataclass(kw_only=True)
+class Phase1Config(ChromaMoeRunConfig):
+    """Phase-1 run configuration: the shared keys of ``train.trainer.ChromaMoeRunConfig`` (output_dir, model, seed,
+    schedule, AdamW, max_grad_norm, mixed_precision, log_every, checkpoint_every, resume) with phase 1's defaults,
+    plus:
 
     Args:
         tokenizer: Folder of the tokenizer (``python -m tokenization.train --output DIR ...``); its size must equal the
@@ -128,28 +102,15 @@ class Phase1Config:
         data: The text mixture: a list of ``{spec, weight, text_field}`` (``train.data.TextSourceSpec``): a local
             ``.txt``/``.jsonl``/``.parquet`` path (``$CHROMA_SHARED_DATA`` expands to the shared data folder) or
             ``HUB_ID[:CONFIG[:SPLIT]]``.
-        model: ``preset`` (a ``ChromaMoeConfig`` preset name) plus any ``ChromaMoeConfig`` fields to override.
-            ``n_routed_experts: 0`` trains a dense model.
-        output_dir: Where ``logs/``, ``checkpoints/`` and ``final/`` go (``$VARS`` expand, as in every path here).
-        seed: Seeds model init, the mixture order and every block's masking.
         min_chars, max_chars, dedup: ``train.data.TextStream``'s filters.
         seq_len: Tokens per packed block.
         per_device_batch_size: Blocks per micro-batch on each process.
         global_batch_tokens: Tokens per optimizer step over all processes (the seed: 2M).
-        max_steps: Optimizer steps of the whole run (the cosine ends here).
-        warmup_steps: Linear warmup steps.
-        learning_rate, min_learning_rate: Cosine from the first to the second.
-        weight_decay, adam_beta1, adam_beta2, adam_epsilon: AdamW.
-        max_grad_norm: Gradient clipping (global L2 norm).
         mlm_probability: Share of non-special tokens predicted.
         span_masking: Mask SpanBERT spans instead of single tokens.
         upcycle_at: Fraction of ``max_steps`` trained dense before upcycling into the configured MoE model (which then
-            needs ``norm_topk_prob: true``); null trains the configured model from the start.
-        mixed_precision: ``auto`` (bf16 on a GPU that supports it, else fp32), ``no`` or ``bf16``.
-        log_every: Steps between tracker logs.
-        checkpoint_every: Steps between checkpoints (one is also written at the end).
-        resume: null (a fresh run; refused if ``output_dir`` already has a checkpoint), ``auto`` (the latest checkpoint
-            in ``output_dir`` if any) or a checkpoint folder.
+            needs ``norm_topk_prob: true``); null trains the configured model from the start. ``model: {n_routed_experts:
+            0}`` trains a dense model.
         pretokenized: A folder from ``python -m train.pretokenize`` built with this config's data, tokenizer,
             ``seq_len``, seed and filters (checked against its manifest); null tokenises ``data`` in the loop.
         dataloader_num_workers: DataLoader worker processes that read and mask ``pretokenized`` blocks ahead of the
@@ -158,83 +119,52 @@ class Phase1Config:
 
     tokenizer: str
     data: list
-    model: dict = field(default_factory=lambda: {"preset": "chroma-moe-tiny"})
     output_dir: str = "runs/phase1"
-    seed: int = 0
     min_chars: int = 20
     max_chars: int | None = 1_000_000
     dedup: bool = True
     seq_len: int = 512
     per_device_batch_size: int = 8
     global_batch_tokens: int = 2_097_152
+    upcycle_at: float | None = None
     max_steps: int = 1000
     warmup_steps: int = 100
     learning_rate: float = 3e-4
     min_learning_rate: float = 3e-5
+    pretokenized: str | None = None
     weight_decay: float = 0.1
-    adam_beta1: float = 0.9
     adam_beta2: float = 0.95
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
     mlm_probability: float = 0.15
     span_masking: bool = False
-    upcycle_at: float | None = None
-    mixed_precision: str = "auto"
+    dataloader_num_workers: int = 1
     log_every: int = 10
     checkpoint_every: int = 500
-    resume: str | None = None
-    pretokenized: str | None = None
-    dataloader_num_workers: int = 1
 
     def __post_init__(self) -> None:
-        def fail(key: str, why: str) -> None:
-            raise ConfigError(f"config key {key!r}={getattr(self, key)!r}: {why}")
-
-        for key in (
-            "seq_len",
-            "per_device_batch_size",
-            "global_batch_tokens",
-            "max_steps",
-            "log_every",
-            "checkpoint_every",
-        ):
-            if getattr(self, key) <= 0:
-                fail(key, "must be > 0")
+        super().__post_init__()
+        for key in ("seq_len", "per_device_batch_size", "global_batch_tokens"):
+            if not getattr(self, key) > 0:
+                self.refuse(key, "must be > 0")
         if self.seq_len < 2:
-            fail("seq_len", "must be >= 2 (<s> plus at least one text token)")
-        if not 0 <= self.warmup_steps < self.max_steps:
-            fail("warmup_steps", f"must be in [0, max_steps={self.max_steps})")
+            self.refuse("seq_len", "must be >= 2 (<s> plus at least one text token)")
         if self.dataloader_num_workers < 0:
-            fail("dataloader_num_workers", "must be >= 0")
-        if self.learning_rate <= 0:
-            fail("learning_rate", "must be > 0")
-        if not 0 <= self.min_learning_rate <= self.learning_rate:
-            fail("min_learning_rate", f"must be in [0, learning_rate={self.learning_rate}]")
-        if self.weight_decay < 0:
-            fail("weight_decay", "must be >= 0")
-        for key in ("adam_beta1", "adam_beta2"):
-            if not 0 <= getattr(self, key) < 1:
-                fail(key, "must be in [0, 1)")
-        if self.adam_epsilon <= 0:
-            fail("adam_epsilon", "must be > 0")
-        if self.max_grad_norm <= 0:
-            fail("max_grad_norm", "must be > 0")
+            self.refuse("dataloader_num_workers", "must be >= 0")
         if not 0 < self.mlm_probability < 1:
-            fail("mlm_probability", "must be in (0, 1)")
-        if self.mixed_precision not in MIXED_PRECISION_CHOICES:
-            fail("mixed_precision", f"must be one of {MIXED_PRECISION_CHOICES}")
+            self.refuse("mlm_probability", "must be in (0, 1)")
         if not self.data:
-            fail("data", "must list at least one text source")
+            self.refuse("data", "must list at least one text source")
         for index, entry in enumerate(self.data):
             self._check_data_entry(index, entry)
         model_config = self.model_config()
         if self.seq_len > model_config.max_position_embeddings:
-            fail("seq_len", f"exceeds the model's max_position_embeddings={model_config.max_position_embeddings}")
+            limit = model_config.max_position_embeddings
+            self.refuse("seq_len", f"exceeds the model's max_position_embeddings={limit}")
         if self.upcycle_at is not None:
             if not 0 < self.upcycle_at < 1:
-                fail("upcycle_at", "must be a fraction of max_steps in (0, 1), or null")
+                self.refuse("upcycle_at", "must be a fraction of max_steps in (0, 1), or null")
             if not 1 <= self.upcycle_step < self.max_steps:
-                fail("upcycle_at", f"gives upcycling step {self.upcycle_step}, outside [1, max_steps={self.max_steps})")
+                why = f"gives upcycling step {self.upcycle_step}, outside [1, max_steps={self.max_steps})"
+                self.refuse("upcycle_at", why)
             dense_config_for(model_config)
             if not model_config.norm_topk_prob:
                 raise ConfigError(
@@ -244,11 +174,7 @@ class Phase1Config:
 
     def _check_data_entry(self, index: int, entry: Any) -> None:
         where = f"data[{index}]"
-        if not isinstance(entry, Mapping):
-            raise ConfigError(f"config key {where!r}={entry!r}: expected a mapping with spec, weight, text_field")
-        unknown = sorted(set(entry) - DATA_ENTRY_KEYS)
-        if unknown:
-            raise ConfigError(f"config key {where!r}: unknown field(s) {unknown}; allowed: {sorted(DATA_ENTRY_KEYS)}")
+        common.check_entry(where, entry, DATA_ENTRY_KEYS, "spec, weight, text_field")
         if not isinstance(entry.get("spec"), str) or not entry["spec"]:
             raise ConfigError(
                 f"config key '{where}.spec'={entry.get('spec')!r}: expected a file path or Hub dataset id"
@@ -258,20 +184,6 @@ class Phase1Config:
             raise ConfigError(f"config key '{where}.weight'={weight!r}: must be a number > 0")
         if not isinstance(entry.get("text_field", "text"), str):
             raise ConfigError(f"config key '{where}.text_field'={entry['text_field']!r}: expected a string")
-
-    def model_config(self) -> ChromaMoeConfig:
-        """The (target) model config: ``model.preset`` with the other ``model`` keys as overrides."""
-        overrides = dict(self.model)
-        preset = overrides.pop("preset", None)
-        if preset not in PRESETS:
-            raise ConfigError(f"config key 'model.preset'={preset!r}: expected one of {sorted(PRESETS)}")
-        unknown = sorted(set(overrides) - MODEL_CONFIG_KEYS)
-        if unknown:
-            raise ConfigError(f"config key 'model': unknown ChromaMoeConfig field(s) {unknown}")
-        try:
-            return ChromaMoeConfig.from_preset(preset, **overrides)
-        except (ValueError, TypeError) as err:
-            raise ConfigError(f"config key 'model': {err}") from err
 
     @property
     def upcycle_step(self) -> int | None:
@@ -285,7 +197,7 @@ class Phase1Config:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Data: packing and masking.
+# Data: the tokenizer and the pre-tokenised folder, checked against the config.
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -340,22 +252,11 @@ def load_tokenizer(path: str, model_config: ChromaMoeConfig) -> PreTrainedTokeni
     return tokenizer
 
 
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Training.
 # --------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class StepStats:
-    """One optimizer step, reduced over micro-batches and processes."""
-
-    loss: float  # masked-LM cross-entropy per predicted token
-    correct: float
-    predicted: float
-    aux_loss: float  # the balance loss, averaged over forward passes
-    grad_norm: float
-    lr: float
-    expert_counts: torch.Tensor | None  # (moe_layers, experts), summed
 
 
 @dataclass
@@ -376,21 +277,20 @@ class Phase1Result:
     upcycle: dict[str, Any] | None
 
 
-class Phase1Trainer:
-    """The phase-1 loop over Accelerate; construct, then ``train()``."""
+class Phase1Trainer(ChromaMoeTrainer):
+    """Masked-LM pretraining on ``ChromaMoeTrainer``'s loop; construct, then ``train()``."""
+
+    name = "phase 1"
+    resume_fixed_keys = RESUME_FIXED_KEYS
 
     def __init__(self, cfg: Phase1Config, accelerator: Accelerator) -> None:
-        self.cfg = cfg
-        self.acc = accelerator
-        self.output_dir = Path(expand_path(cfg.output_dir))
-        self.checkpoints_dir = self.output_dir / "checkpoints"
-        self.accum = gradient_accumulation_steps(
+        self.accum = common.gradient_accumulation_steps(
             cfg.global_batch_tokens, cfg.per_device_batch_size, cfg.seq_len, accelerator.num_processes
         )
         accelerator.gradient_accumulation_steps = self.accum
         self.blocks_per_step = cfg.global_batch_tokens // cfg.seq_len
-        self.layout = BatchLayout(self.blocks_per_step, cfg.per_device_batch_size, self.accum,
-                                  accelerator.num_processes, accelerator.process_index)  # fmt: skip
+        self.layout = mlm_data.BatchLayout(self.blocks_per_step, cfg.per_device_batch_size, self.accum,
+                                           accelerator.num_processes, accelerator.process_index)  # fmt: skip
         self.moe_config = cfg.model_config()
         self.tokenizer = load_tokenizer(cfg.tokenizer, self.moe_config)
         self.blocks: PackedBlocks | None = None  # the on-the-fly path
@@ -407,47 +307,38 @@ class Phase1Trainer:
             self.blocks.make_stream(0)  # fail now, not after model building, on a missing file or bad spec
         else:
             self.shards = open_pretokenized(cfg, self.tokenizer)
-        self.masker = MlmMasker(self.tokenizer, cfg.mlm_probability, cfg.span_masking, cfg.seed)
+        self.masker = mlm_data.MlmMasker(self.tokenizer, cfg.mlm_probability, cfg.span_masking, cfg.seed)
 
-        resume_from = resolve_resume(
-            cfg.resume, self.checkpoints_dir, dataclasses.asdict(cfg), RESUME_FIXED_KEYS, SCHEDULE_KEYS
-        )
-        state = read_trainer_state(resume_from) if resume_from else None
+        super().__init__(cfg, accelerator)
+        state = self.resume_state
         self.upcycle = state["upcycle"] if state else None
         self.upcycled = state["upcycled"] if state else cfg.upcycle_at is None
         if state and not self.upcycled and cfg.upcycle_step < state["step"]:
             raise ConfigError(
-                f"cannot resume {resume_from} (dense, step {state['step']}): config key 'max_steps'={cfg.max_steps} "
-                f"moves upcycling (upcycle_at={cfg.upcycle_at}) to step {cfg.upcycle_step}, which this run has passed"
+                f"cannot resume {self.resume_from} (dense, step {state['step']}): config key 'max_steps'="
+                f"{cfg.max_steps} moves upcycling (upcycle_at={cfg.upcycle_at}) to step {cfg.upcycle_step}, which this "
+                "run has passed"
             )
         set_seed(cfg.seed)
         model_config = self.moe_config if self.upcycled else dense_config_for(self.moe_config)
-        self.model, self.optimizer, self.scheduler = self._prepare(ChromaMoeForMaskedLM(model_config), start_step=0)
-        self.start_step = 0
-        self.last_checkpoint: Path | None = None
-        if resume_from is not None:
-            load_checkpoint(self.acc, resume_from)
-            self.start_step = state["step"]
-            self._load_data_position(state["data"], resume_from)
-            self.last_checkpoint = resume_from
-            self._info(f"resumed from {resume_from} at step {self.start_step}")
-        self._heatmap_counts: torch.Tensor | None = None
-        self._heatmap_from = self.start_step
-        self._losses: list[float] = []
-        self._learning_rates: list[float] = []
+        self.prepare(ChromaMoeForMaskedLM(model_config), cfg.per_device_batch_size)
+        self.load_resume()
+        if self.resume_from is not None:
+            self._load_data_position(state["data"], self.resume_from)
         self._first_block = (
             self.blocks.blocks_emitted if self.blocks is not None else self.start_step * self.blocks_per_step
         )
         self._shard_batches = self._shard_loader() if self.shards is not None else None
 
-    # ---- setup --------------------------------------------------------------------------------------------------
+    # ---- data ----------------------------------------------------------------------------------------------------
 
     def _shard_loader(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        acc, cfg = self.acc, self.cfg
-        order = BlockOrder(len(self.shards), cfg.seed)
-        micro_batches = ShardMicroBatches(self.shards, order, self.masker, self.layout)
+        cfg = self.cfg
+        micro_batches = mlm_data.ShardMicroBatches(self.shards, BlockOrder(len(self.shards), cfg.seed), self.masker,
+                                                   self.layout)  # fmt: skip
         items = range(self.start_step * self.accum, cfg.max_steps * self.accum)
-        return shard_loader(micro_batches, items, cfg.dataloader_num_workers, pin_memory=acc.device.type == "cuda")
+        return mlm_data.shard_loader(micro_batches, items, cfg.dataloader_num_workers,
+                                     pin_memory=self.acc.device.type == "cuda")  # fmt: skip
 
     def _data_position(self, step: int) -> tuple[dict[str, Any], np.ndarray | None]:
         """(JSON-able data position after ``step`` steps, the on-the-fly path's unread tokens or None). From shards the
@@ -477,44 +368,20 @@ class Phase1Trainer:
                 f"(data position {dict(position)}, this folder and step give {expected})"
             )
 
-    def _info(self, message: str) -> None:
-        if self.acc.is_main_process:
-            logger.info(message)
-
-    def _prepare(self, model: ChromaMoeForMaskedLM, start_step: int):
-        cfg = self.cfg
-        model.train()
-        optimizer = build_optimizer(
-            model, cfg.learning_rate, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon
-        )
-        scheduler = build_scheduler(
-            optimizer, cfg.min_learning_rate / cfg.learning_rate, cfg.warmup_steps, cfg.max_steps, start_step=start_step
-        )
-        configure_deepspeed(self.acc, cfg.per_device_batch_size, self.accum, cfg.max_grad_norm)
-        return self.acc.prepare(model, optimizer, scheduler)
-
-    @property
-    def unwrapped(self) -> ChromaMoeForMaskedLM:
-        return self.acc.unwrap_model(self.model)
-
-    def moe_layers(self) -> list[int]:
-        config = self.unwrapped.config
-        return [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
-
-    # ---- one step ------------------------------------------------------------------------------------------------
-
     def next_batch(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This process's ``accum`` micro-batches of the next step, each (input_ids (b, L), labels (b, L)) on the
         device, placed by ``self.layout``."""
         if self.shards is not None:
             micro = [next(self._shard_batches) for _ in range(self.accum)]
         else:
-            micro = onthefly_micro_batches(self.blocks, self.masker, self.layout)
+            micro = mlm_data.onthefly_micro_batches(self.blocks, self.masker, self.layout)
         device = self.acc.device
         return [(ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)) for ids, labels in micro]
 
-    def train_step(self, step: int, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepStats:
-        """Forward/backward every micro-batch, then one clipped optimizer step.
+    # ---- one step ------------------------------------------------------------------------------------------------
+
+    def step(self, step: int) -> ChromaMoeStepStats:
+        """Forward/backward every micro-batch of the step (upcycling first at ``upcycle_step``), then the tail.
 
         Each micro-batch contributes ``Σ CE · P·A / N`` (N predicted tokens in the global batch, P processes, A
         micro-batches): Accelerate divides by A and data-parallel engines average over P, so the parameters get the
@@ -522,6 +389,9 @@ class Phase1Trainer:
         per forward pass, so ``aux_loss_weight = 1/A`` makes it the mean over this process's micro-batches (P-averaging
         does the rest).
         """
+        micro_batches = self.next_batch()
+        if not self.upcycled and step == self.cfg.upcycle_step:
+            self.upcycle_now(step, micro_batches[0][0])
         acc = self.acc
         predicted = sum(int((labels != -100).sum()) for _, labels in micro_batches)
         predicted_global = float(acc.reduce(torch.tensor([float(predicted)], device=acc.device), "sum")[0])
@@ -548,24 +418,34 @@ class Phase1Trainer:
             packed.append(counts.flatten())
         reduced = acc.reduce(torch.cat(packed), "sum")
         loss = float(reduced[0]) / max(predicted_global, 1.0)
-        grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm))
-        raise_if_not_finite({"loss": loss, "grad_norm": grad_norm}, step + 1, self.last_checkpoint)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         global_counts = reduced[3:].reshape(counts.shape).cpu() if counts is not None else None
-        if global_counts is not None:
-            self.unwrapped.update_router_bias(tuple(global_counts))
-        return StepStats(
-            loss=loss,
-            correct=float(reduced[1]),
-            predicted=predicted_global,
-            aux_loss=float(reduced[2]) / (self.accum * acc.num_processes),
-            grad_norm=grad_norm,
-            lr=lr,
-            expert_counts=global_counts,
-        )
+        grad_norm, lrs = self.optimizer_step(step, loss, global_counts)
+        values = {"correct": float(reduced[1]), "predicted": predicted_global,
+                  "aux_loss": float(reduced[2]) / (self.accum * acc.num_processes)}  # fmt: skip
+        return ChromaMoeStepStats(loss, grad_norm, lrs, global_counts, values)
+
+    def metrics(self, window: list[ChromaMoeStepStats]) -> dict[str, float]:
+        tokens = len(window) * self.cfg.global_batch_tokens
+        return {
+            "train/loss": sum(s.loss for s in window) / len(window),
+            "train/mlm_accuracy": sum(s.values["correct"] for s in window)
+            / max(sum(s.values["predicted"] for s in window), 1.0),
+            "train/aux_loss": sum(s.values["aux_loss"] for s in window) / len(window),
+            "train/tokens_per_second": tokens / max(sum(s.seconds for s in window), 1e-9),
+            "train/tokens": float((self.start_step + len(self.losses)) * self.cfg.global_batch_tokens),
+        }
+
+    def events(self, step: int, stats: ChromaMoeStepStats | None) -> dict[str, float]:
+        """The upcycling record, at the step that switched to the MoE model."""
+        if stats is None or self.upcycle is None or self.upcycle["step"] != step - 1:
+            return {}
+        self.upcycle["loss_after"] = stats.loss
+        logged = {"upcycle/max_abs_logit_diff": self.upcycle["max_abs_logit_diff"]}
+        if self.upcycle["loss_before"] is not None:
+            self.upcycle["loss_jump"] = stats.loss - self.upcycle["loss_before"]
+            logged["upcycle/loss_jump"] = self.upcycle["loss_jump"]
+        self.info(f"upcycling record: {self.upcycle}")
+        return logged
 
     # ---- upcycling -----------------------------------------------------------------------------------------------
 
@@ -606,7 +486,7 @@ class Phase1Trainer:
             diff = float((dense(input_ids=probe).logits.float() - moe(input_ids=probe).logits.float()).abs().max())
         del dense_state, dense
         acc.free_memory()
-        self.model, self.optimizer, self.scheduler = self._prepare(moe, start_step=step)
+        self.prepare(moe, self.cfg.per_device_batch_size, start_step=step)
         carried = moments is not None
         if carried:
             optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
@@ -624,158 +504,72 @@ class Phase1Trainer:
                     "exp_avg_sq": avg_sq[name].to(param).contiguous(),
                 }
         self.upcycled = True
-        self._heatmap_counts = None
-        self._heatmap_from = step
+        self.reset_expert_counts()
         self.upcycle = {"step": step, "max_abs_logit_diff": diff, "optimizer_state_carried": carried,
-                        "loss_before": self._losses[-1] if self._losses else None}  # fmt: skip
-        self._info(
+                        "loss_before": self.losses[-1] if self.losses else None}  # fmt: skip
+        self.info(
             f"step {step}: upcycled to {self.moe_config.n_routed_experts} routed experts; max |Δlogit| = {diff:.3g}; "
             f"AdamW moments {'carried over' if carried else 'restarted'}"
         )
 
-    # ---- checkpoints and logs ------------------------------------------------------------------------------------
+    # ---- checkpoints and the final folder ------------------------------------------------------------------------
 
-    def save(self, step: int) -> None:
+    def checkpoint_state(self, step: int) -> tuple[dict[str, Any], Callable[[Path], None] | None]:
         position, buffer = self._data_position(step)
-        state = {"step": step, "upcycled": self.upcycled, "upcycle": self.upcycle, "data": position,
-                 "config": dataclasses.asdict(self.cfg)}  # fmt: skip
-        counts, layers, span = self._heatmap_counts, self.moe_layers(), (self._heatmap_from, step)
 
-        def extras(folder: Path) -> None:
-            if buffer is not None:
-                np.save(folder / DATA_BUFFER_FILE, buffer)
-            if counts is not None:
-                title = f"expert-load share, steps {span[0] + 1}-{span[1]}"
-                save_routing_heatmap(counts, layers, folder / HEATMAP_FILE, title)
+        def write_buffer(folder: Path) -> None:
+            np.save(folder / DATA_BUFFER_FILE, buffer)
 
-        self.last_checkpoint = save_checkpoint(self.acc, self.checkpoints_dir, step, state, extras)
-        self._heatmap_counts, self._heatmap_from = None, step
+        state = {"upcycled": self.upcycled, "upcycle": self.upcycle, "data": position}
+        return state, None if buffer is None else write_buffer
 
-    def save_final(self) -> Path:
-        """Every process calls ``save_pretrained`` (it creates and lists the folder; only the main one writes), so the
-        old folder is removed before the barrier: removed after it, it could vanish under another process."""
-        final = self.output_dir / "final"
-        acc = self.acc
-        if acc.is_main_process:
-            shutil.rmtree(final, ignore_errors=True)
-        acc.wait_for_everyone()
-        state = acc.get_state_dict(self.model)
+    def write_final(self, folder: Path, state_dict: dict[str, torch.Tensor]) -> None:
         self.unwrapped.save_pretrained(
-            final, state_dict=state, is_main_process=acc.is_main_process, save_function=acc.save
+            folder, state_dict=state_dict, is_main_process=self.acc.is_main_process, save_function=self.acc.save
         )
-        if acc.is_main_process:
-            self.tokenizer.save_pretrained(final)
-        acc.wait_for_everyone()
-        return final
-
-    def _window_metrics(self, window: list[StepStats], seconds: float, step: int) -> dict[str, float]:
-        tokens = len(window) * self.cfg.global_batch_tokens
-        metrics = {
-            "train/loss": sum(s.loss for s in window) / len(window),
-            "train/mlm_accuracy": sum(s.correct for s in window) / max(sum(s.predicted for s in window), 1.0),
-            "train/aux_loss": sum(s.aux_loss for s in window) / len(window),
-            "train/grad_norm": window[-1].grad_norm,
-            "train/lr": window[-1].lr,
-            "train/tokens_per_second": tokens / max(seconds, 1e-9),
-            "train/tokens": float(step * self.cfg.global_batch_tokens),
-        }
-        counts = [s.expert_counts for s in window if s.expert_counts is not None]
-        if counts and all(c.shape == counts[0].shape for c in counts):
-            metrics.update(expert_load_stats(torch.stack(counts).sum(dim=0), self.moe_layers()))
-        return metrics
-
-    # ---- loop ----------------------------------------------------------------------------------------------------
-
-    def train(self) -> Phase1Result:
-        cfg, acc = self.cfg, self.acc
-        acc.init_trackers("phase1", config=flatten_for_tracker(dataclasses.asdict(cfg)))
-        self._info(
-            f"{acc.num_processes} process(es) × {cfg.per_device_batch_size} blocks × {cfg.seq_len} tokens × "
-            f"{self.accum} accumulation = {cfg.global_batch_tokens} tokens per step; "
-            f"steps {self.start_step}->{cfg.max_steps}"
-        )
-        window: list[StepStats] = []
-        window_seconds = total_seconds = 0.0
-        bar = tqdm(
-            total=cfg.max_steps, initial=self.start_step, desc="phase 1", unit="step", disable=not acc.is_main_process
-        )
-        for step in range(self.start_step, cfg.max_steps):
-            started = time.perf_counter()
-            micro_batches = self.next_batch()
-            if not self.upcycled and step == cfg.upcycle_step:
-                self.upcycle_now(step, micro_batches[0][0])
-            stats = self.train_step(step, micro_batches)
-            elapsed = time.perf_counter() - started
-            window_seconds += elapsed
-            total_seconds += elapsed
-            self._losses.append(stats.loss)
-            self._learning_rates.append(stats.lr)
-            window.append(stats)
-            if stats.expert_counts is not None:
-                self._heatmap_counts = (
-                    stats.expert_counts if self._heatmap_counts is None else self._heatmap_counts + stats.expert_counts
-                )
-            done = step + 1
-            if self.upcycle is not None and self.upcycle["step"] == step:
-                self.upcycle["loss_after"] = stats.loss
-                if self.upcycle["loss_before"] is not None:
-                    self.upcycle["loss_jump"] = stats.loss - self.upcycle["loss_before"]
-                    acc.log({"upcycle/loss_jump": self.upcycle["loss_jump"]}, step=done)
-                acc.log({"upcycle/max_abs_logit_diff": self.upcycle["max_abs_logit_diff"]}, step=done)
-                self._info(f"upcycling record: {self.upcycle}")
-            bar.update(1)
-            bar.set_postfix(
-                loss=f"{stats.loss:.3f}", lr=f"{stats.lr:.2e}", tok_s=f"{cfg.global_batch_tokens / elapsed:.0f}"
-            )
-            if done % cfg.log_every == 0 or done == cfg.max_steps:
-                acc.log(self._window_metrics(window, window_seconds, done), step=done)
-                window, window_seconds = [], 0.0
-            if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
-                self.save(done)
-        bar.close()
-        if self.blocks is not None:
-            self._info(f"data filters, current epoch {self.blocks.epoch}: {self.blocks.filter_summary()}")
-        else:
-            self._info(f"pre-tokenised data {self.cfg.pretokenized}: texts {self.shards.manifest['texts']}")
-        final = self.save_final()
-        steps_run = len(self._losses)
-        if self.blocks is not None:
-            blocks_read = self.blocks.blocks_emitted - self._first_block
-        else:
-            blocks_read = steps_run * self.blocks_per_step
-        return Phase1Result(
-            first_step=self.start_step,
-            losses=self._losses,
-            learning_rates=self._learning_rates,
-            output_dir=self.output_dir,
-            final_dir=final,
-            last_checkpoint=self.last_checkpoint,
-            gradient_accumulation_steps=self.accum,
-            tokens_per_step=blocks_read * cfg.seq_len // max(steps_run, 1),
-            tokens_per_second=steps_run * cfg.global_batch_tokens / max(total_seconds, 1e-9),
-            upcycle=self.upcycle,
-        )
+        if self.acc.is_main_process:
+            self.tokenizer.save_pretrained(folder)
 
 
 def run(config: Phase1Config | Mapping[str, Any]) -> Phase1Result:
     """Train phase 1 with ``config`` (a ``Phase1Config`` or a mapping of its keys). Call it once per process under
     ``accelerate launch``/``torchrun``; in a plain Python process it trains on one device."""
-    cfg = config if isinstance(config, Phase1Config) else config_from_dict(Phase1Config, config)
-    accelerator = make_accelerator(expand_path(cfg.output_dir), cfg.mixed_precision)
+    cfg = config if isinstance(config, Phase1Config) else common.config_from_dict(Phase1Config, config)
+    accelerator = common.make_accelerator(expand_path(cfg.output_dir), cfg.mixed_precision)
     try:
-        return Phase1Trainer(cfg, accelerator).train()
+        trainer = Phase1Trainer(cfg, accelerator)
+        trainer.info(
+            f"{accelerator.num_processes} process(es) × {cfg.per_device_batch_size} blocks × {cfg.seq_len} tokens × "
+            f"{trainer.accum} accumulation = {cfg.global_batch_tokens} tokens per step; "
+            f"steps {trainer.start_step}->{cfg.max_steps}"
+        )
+        final = trainer.train()
     finally:
         accelerator.end_training()
+    if trainer.blocks is not None:
+        trainer.info(f"data filters, current epoch {trainer.blocks.epoch}: {trainer.blocks.filter_summary()}")
+        blocks_read = trainer.blocks.blocks_emitted - trainer._first_block
+    else:
+        trainer.info(f"pre-tokenised data {cfg.pretokenized}: texts {trainer.shards.manifest['texts']}")
+        blocks_read = len(trainer.losses) * trainer.blocks_per_step
+    steps_run = len(trainer.losses)
+    return Phase1Result(
+        first_step=trainer.start_step,
+        losses=trainer.losses,
+        learning_rates=trainer.learning_rates,
+        output_dir=trainer.output_dir,
+        final_dir=final,
+        last_checkpoint=trainer.last_checkpoint,
+        gradient_accumulation_steps=trainer.accum,
+        tokens_per_step=blocks_read * cfg.seq_len // max(steps_run, 1),
+        tokens_per_second=steps_run * cfg.global_batch_tokens / max(trainer.seconds, 1e-9),
+        upcycle=trainer.upcycle,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = config_from_command_line(
-        Phase1Config, argv, prog="accelerate launch train/phase1.py",
-        description="Phase-1 masked-LM pretraining of Chroma-MoE (see the module docstring).",
-        example="train/configs/phase1_small.yaml",
-    )  # fmt: skip
-    result = run(cfg)
+    result = run(Phase1Config.from_command_line(argv, "phase1", "Phase-1 masked-LM pretraining of Chroma-MoE"))
     if result.losses and PartialState().is_main_process:
         logger.info(
             f"steps {result.first_step + 1}-{result.first_step + len(result.losses)}: loss {result.losses[0]:.4f} -> "

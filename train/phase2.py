@@ -4,14 +4,17 @@
 
 (overrides may come before or after `--resume`; see `train.common.config_from_command_line`).
 
-Starts from a phase-1 folder (`init_from`: a masked-LM checkpoint loads into `ChromaMoeForEmbedding` with a fresh pooling
-head) or from a fresh preset. Each optimizer step embeds a global batch of (instructed query, positive, hard negatives)
+Starts from a phase-1 folder (`init_from`: a masked-LM checkpoint loads into `ChromaMoeForEmbedding` with a fresh
+pooling head) or from a fresh preset. Each optimizer step embeds a global batch of (instructed query, positive, hard negatives)
 with GradCache (`train.contrastive`), so the batch size is not bounded by memory; with several processes every query
-is scored against the documents of all processes. AdamW with warmup + cosine, gradient clipping, a NaN/inf guard,
-atomic checkpoints holding model, optimizer, scheduler, temperature and RNG states (the batch of a step is a function
-of the step, so a resumed run replays exactly the batches of an uninterrupted one), tensorboard logs plus
-`train_log.jsonl`, periodic nDCG@10 on a held-out dev split, and a final sentence-transformers folder
-(`<output_dir>/final`, loads with `SentenceTransformer(dir, trust_remote_code=True)`).
+is scored against the documents of all processes. The loop is `train.trainer.ChromaMoeTrainer`'s (shared with phase 1:
+AdamW with warmup + cosine, gradient clipping, a NaN/inf guard, atomic checkpoints holding model, optimizer, scheduler,
+temperature and RNG states, tensorboard logs plus `train_log.jsonl`, `resume=auto` starting fresh without a
+checkpoint); the batch of a step is a function of the step, so a resumed run replays exactly the batches of an
+uninterrupted one. This module supplies the pairs, the InfoNCE (+ distillation) step with its learnable temperature,
+periodic nDCG@10 on a held-out dev split (every process embeds its share of the dev texts, so a sharded model
+evaluates), and the final sentence-transformers folder (`<output_dir>/final`, loads with
+`SentenceTransformer(dir, trust_remote_code=True)`; written from the state every process gathers).
 
 Queries are formatted with their task's instruction (`train.data.format_query`) and tokenised by the shipped
 sentence-transformers module (`sentence_chroma_moe.ChromaMoeSentenceEncoder.preprocess`), so training pools exactly the
@@ -26,96 +29,61 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (accelerate launch train/phase2.py): make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import dataclasses
 import functools
 import hashlib
-import inspect
 import json
 import logging
 import math
 import random
-import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from configuration_chroma_moe import PRESETS, ChromaMoeConfig
 from evaluation.tasks import RetrievalSet, load_beir, rank_documents, retrieval_metrics
 from modeling_chroma_moe import ChromaMoeForEmbedding
-from sentence_chroma_moe import (
-    ChromaMoeSentenceEncoder,
-    build_sentence_transformer,
-    instruction_prompt,
-    save_sentence_transformer,
-)
-from train.common import (
-    RUN_CONFIG_FILE,
-    ConfigError,
-    build_optimizer,
-    build_scheduler,
-    config_from_command_line,
-    expand_path,
-    expert_load_stats,
-    flatten_for_tracker,
-    load_checkpoint,
-    make_accelerator,
-    raise_if_not_finite,
-    resolve_resume,
-    save_checkpoint,
-    save_routing_heatmap,
-)
+from sentence_chroma_moe import ChromaMoeSentenceEncoder, build_sentence_transformer, instruction_prompt
+from sentence_chroma_moe import save_sentence_transformer
+from train import common, pair_stream
+from train.common import ConfigError, expand_path
 from train.contrastive import ContrastiveBatch, InfoNCELoss, grad_cache_step
-from train.distill import ChromaMoeDistillation
 from train.data import INSTRUCTIONS, build_pair_dataset_from_beir, format_query, load_pair_dataset, split_beir_queries
-from train.pair_stream import (
-    BATCH_SAMPLING,
-    PAIRS_DIR,
-    ChromaMoePairSampler,
-    ChromaMoePairSource,
-    ChromaMoePairStore,
-    path_fingerprint,
-)
+from train.distill import ChromaMoeDistillation
+from train.trainer import SCHEDULE_KEYS, ChromaMoeRunConfig, ChromaMoeStepStats, ChromaMoeTrainer
 
 logger = logging.getLogger(__name__)
 
-TRAIN_LOG = "train_log.jsonl"
 PREPARE_ROWS = 50_000  # pairs read per teacher-cache pass in `build_distillation`
 SOURCE_KEYS = frozenset({"path", "beir", "task", "max_pairs"})
-MODEL_CONFIG_KEYS = frozenset(inspect.signature(ChromaMoeConfig.__init__).parameters) - {"self", "kwargs"}
 # Keys whose change would make a resumed run a different run (data, model, batch, loss): resuming with them changed is refused.
 RESUME_FIXED_KEYS = ("train_sources", "init_from", "model", "seed", "max_query_length", "max_document_length",
                      "max_negatives_per_query", "split_fraction", "split_seed", "global_batch_size", "symmetric_loss",
                      "matryoshka_dims", "batch_sampling", "source_alpha", "teacher", "teacher_query_prompt",
                      "teacher_document_prompt", "distill_similarity_weight", "distill_score_weight",
                      "distill_temperature")  # fmt: skip
-# Keys that shape the lr schedule: a resume with them changed continues on the schedule they give now (with a warning).
-SCHEDULE_KEYS = ("max_steps", "warmup_steps", "learning_rate", "min_learning_rate", "temperature_learning_rate")
 
 
-@dataclass
-class Phase2Config:
-    """Phase-2 run configuration (YAML keys; `key=value` on the command line overrides them).
+@dataclass(kw_only=True)
+class Phase2Config(ChromaMoeRunConfig):
+    """Phase-2 run configuration: the shared keys of `train.trainer.ChromaMoeRunConfig` (output_dir, model, seed,
+    schedule, AdamW, max_grad_norm, mixed_precision, log_every, checkpoint_every, resume) with phase 2's defaults
+    (`output_dir` required, no checkpoints unless `checkpoint_every` is set), plus:
 
     Args:
-        output_dir: Where `logs/`, `checkpoints/`, `train_log.jsonl` and `final/` go.
+        init_from: A phase-1 folder (`ChromaMoeForMaskedLM` or `ChromaMoeForEmbedding`; an MLM checkpoint gets a fresh
+            pooling head), or null for a fresh model of `model.preset` (`model` then holds `preset`; with `init_from`
+            it holds only `ChromaMoeConfig` overrides: dropout, balance-loss coefficient, ...).
+        tokenizer: Tokenizer folder; defaults to `init_from`.
         train_sources: A list of `{path: PAIRS.jsonl | HUB_ID[:CONFIG[:SPLIT]], task, max_pairs}` (read by
             `train.data.load_pair_dataset`) or `{beir: BEIR_DIR, task, max_pairs}` (pairs of the folder's queries on the
             *train* side of `train.data.split_beir_queries(split_fraction, split_seed)`; `dev_beir` evaluates the held-out
             side of the same split, so no dev query is trained on). `task` picks the instruction
             (`train.data.INSTRUCTIONS`); `max_pairs` keeps a seeded random subset. `$CHROMA_SHARED_DATA` expands.
-        init_from: A phase-1 folder (`ChromaMoeForMaskedLM` or `ChromaMoeForEmbedding`; an MLM checkpoint gets a fresh
-            pooling head), or null for a fresh model of `model.preset`.
-        model: `preset` (only with `init_from: null`) plus `ChromaMoeConfig` fields to override (dropout, balance-loss
-            coefficient, ...).
-        tokenizer: Tokenizer folder; defaults to `init_from`.
-        seed: Seeds model init, the data order and dropout.
         max_query_length, max_document_length: Token limits (a query's includes its instruction).
         max_negatives_per_query: Hard negatives used per query (the first ones: miners list them best first).
         split_fraction, split_seed: The query split of BEIR folders (train side for training, held-out side for dev).
@@ -127,6 +95,7 @@ class Phase2Config:
         temperature_learning_rate: Peak lr of the temperature's own AdamW group (no weight decay), on the same warmup +
             cosine as the model (ending at `min_learning_rate / learning_rate` of it). The parameter is log τ and Adam
             moves it by about the lr per step, so the model's 1e-4 would leave τ where it started over a short run.
+            A schedule key: a resumed run takes it from its current config.
         symmetric_loss: Add the document→query InfoNCE term.
         matryoshka_dims: Embedding prefixes the loss is summed over (null = the full embedding only).
         teacher: A sentence-transformers folder or Hub id to distil from (`all-MiniLM-L6-v2` = the offline copy of the
@@ -143,22 +112,12 @@ class Phase2Config:
             needs at least `global_batch_size` pairs); see `train.pair_stream`.
         source_alpha: The exponent α of `per_source` sampling (1: proportional to size, 0: uniform over sources).
         chunk_size: Texts per forward pass inside GradCache (bounds activation memory, not the batch).
-        max_steps, warmup_steps, learning_rate, min_learning_rate: Warmup + cosine schedule over the run. A resumed
-            run takes them (and `temperature_learning_rate`) from its current config, continuing at its step.
-        weight_decay, adam_beta1, adam_beta2, adam_epsilon, max_grad_norm: AdamW and gradient clipping (0 = none).
-        mixed_precision: `auto` (bf16 on a GPU that supports it, else fp32), `no` or `bf16`.
-        log_every, checkpoint_every: Steps between logs and between checkpoints (0 = no checkpoints).
         st_query_task: The instruction of the final folder's default `query` prompt.
-        resume: null (a fresh run; refused if `output_dir` already has a checkpoint), `auto` (its latest checkpoint)
-            or a checkpoint folder.
     """
 
-    output_dir: str
-    train_sources: list
     init_from: str | None = None
-    model: dict = field(default_factory=lambda: {"preset": "chroma-moe-tiny"})
     tokenizer: str | None = None
-    seed: int = 0
+    train_sources: list
     max_query_length: int = 64
     max_document_length: int = 256
     max_negatives_per_query: int = 1
@@ -192,62 +151,42 @@ class Phase2Config:
     learning_rate: float = 1e-4
     min_learning_rate: float = 1e-5
     weight_decay: float = 0.01
-    adam_beta1: float = 0.9
     adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "auto"
     log_every: int = 1
     checkpoint_every: int = 0
     st_query_task: str = "finance_qa"
-    resume: str | None = None
 
     def __post_init__(self) -> None:
-        def fail(key: str, why: str) -> None:
-            raise ConfigError(f"config key {key!r}={getattr(self, key)!r}: {why}")
-
-        for key in ("max_query_length", "max_document_length", "global_batch_size", "chunk_size", "max_steps",
-                    "learning_rate", "temperature_learning_rate", "log_every", "eval_batch_size",
-                    "adam_epsilon"):  # fmt: skip
+        super().__post_init__()
+        for key in ("max_query_length", "max_document_length", "global_batch_size", "chunk_size",
+                    "temperature_learning_rate", "eval_batch_size", "distill_temperature"):  # fmt: skip
             if not getattr(self, key) > 0:
-                fail(key, "must be > 0")
-        for key in ("max_negatives_per_query", "weight_decay", "eval_every", "checkpoint_every", "max_grad_norm"):
+                self.refuse(key, "must be > 0")
+        for key in ("max_negatives_per_query", "eval_every", "distill_similarity_weight", "distill_score_weight"):
             if getattr(self, key) < 0:
-                fail(key, "must be >= 0")
-        if not 0 <= self.warmup_steps < self.max_steps:
-            fail("warmup_steps", f"must be in [0, max_steps={self.max_steps})")
-        if not 0 <= self.min_learning_rate <= self.learning_rate:
-            fail("min_learning_rate", f"must be in [0, learning_rate={self.learning_rate}]")
-        for key in ("adam_beta1", "adam_beta2"):
-            if not 0 <= getattr(self, key) < 1:
-                fail(key, "must be in [0, 1)")
+                self.refuse(key, "must be >= 0")
         if not 0 < self.temperature_min <= self.temperature <= self.temperature_max:
-            fail("temperature", f"must lie in [temperature_min, temperature_max] = [{self.temperature_min}, "
-                                f"{self.temperature_max}] with temperature_min > 0")  # fmt: skip
+            self.refuse("temperature", f"must lie in [temperature_min, temperature_max] = [{self.temperature_min}, "
+                                       f"{self.temperature_max}] with temperature_min > 0")  # fmt: skip
         if not 0 < self.split_fraction < 1:
-            fail("split_fraction", "must be strictly between 0 and 1")
-        if self.batch_sampling not in BATCH_SAMPLING:
-            fail("batch_sampling", f"expected one of {list(BATCH_SAMPLING)}")
+            self.refuse("split_fraction", "must be strictly between 0 and 1")
+        if self.batch_sampling not in pair_stream.BATCH_SAMPLING:
+            self.refuse("batch_sampling", f"expected one of {list(pair_stream.BATCH_SAMPLING)}")
         if not self.source_alpha >= 0:
-            fail("source_alpha", "must be >= 0")
-        for key in ("distill_similarity_weight", "distill_score_weight"):
-            if getattr(self, key) < 0:
-                fail(key, "must be >= 0")
+            self.refuse("source_alpha", "must be >= 0")
         if self.teacher is not None and self.distill_similarity_weight == self.distill_score_weight == 0:
-            fail("distill_score_weight", "and distill_similarity_weight are both 0: set teacher: null instead")
-        if not self.distill_temperature > 0:
-            fail("distill_temperature", "must be > 0")
+            self.refuse("distill_score_weight", "and distill_similarity_weight are both 0: set teacher: null instead")
         for key in ("dev_task", "st_query_task"):
             if getattr(self, key) not in INSTRUCTIONS:
-                fail(key, f"expected one of {sorted(INSTRUCTIONS)}")
+                self.refuse(key, f"expected one of {sorted(INSTRUCTIONS)}")
         for key in ("dev_max_queries", "dev_max_documents"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
-                fail(key, "must be > 0 or null")
+                self.refuse(key, "must be > 0 or null")
         dims = self.matryoshka_dims
         if dims is not None and (not dims or any(isinstance(d, bool) or not isinstance(d, int) or d <= 0 for d in dims)):
-            fail("matryoshka_dims", "expected null or a list of positive integers")
+            self.refuse("matryoshka_dims", "expected null or a list of positive integers")
         if not self.train_sources:
-            fail("train_sources", "must list at least one pair source")
+            self.refuse("train_sources", "must list at least one pair source")
         for index, source in enumerate(self.train_sources):
             _check_source(index, source)
         if ("preset" in self.model) == (self.init_from is not None):
@@ -255,22 +194,13 @@ class Phase2Config:
                 f"config keys 'init_from'={self.init_from!r} and 'model.preset'={self.model.get('preset')!r}: give exactly "
                 "one (a phase-1 folder to start from, or a preset for a fresh model)"
             )
-        if "preset" in self.model and self.model["preset"] not in PRESETS:
-            raise ConfigError(f"config key 'model.preset'={self.model['preset']!r}: expected one of {sorted(PRESETS)}")
-        unknown = sorted(set(self.model) - MODEL_CONFIG_KEYS - {"preset"})
-        if unknown:
-            raise ConfigError(f"config key 'model': unknown ChromaMoeConfig field(s) {unknown}")
         if self.init_from is None and self.tokenizer is None:
-            fail("tokenizer", "a fresh model (init_from: null) needs a tokenizer folder")
+            self.refuse("tokenizer", "a fresh model (init_from: null) needs a tokenizer folder")
 
 
 def _check_source(index: int, source: Any) -> None:
     where = f"train_sources[{index}]"
-    if not isinstance(source, Mapping):
-        raise ConfigError(f"config key {where!r}={source!r}: expected a mapping with path or beir, task, max_pairs")
-    unknown = sorted(set(source) - SOURCE_KEYS)
-    if unknown:
-        raise ConfigError(f"config key {where!r}: unknown field(s) {unknown}; allowed: {sorted(SOURCE_KEYS)}")
+    common.check_entry(where, source, SOURCE_KEYS, "path or beir, task, max_pairs")
     if ("path" in source) == ("beir" in source):
         raise ConfigError(f"config key {where!r}: give exactly one of 'path' (pair file or Hub id) and 'beir' (BEIR folder)")
     if source.get("task") not in INSTRUCTIONS:
@@ -285,16 +215,16 @@ def _check_source(index: int, source: Any) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def load_training_pairs(config: Phase2Config, directory: Path) -> ChromaMoePairStore:
+def load_training_pairs(config: Phase2Config, directory: Path) -> pair_stream.ChromaMoePairStore:
     """Every `train_sources` entry as a memory-mapped Arrow file under `directory` (streamed there once, reused while
     the entry and its files are unchanged; `ChromaMoePairStore.open`), each cut to its `max_pairs` by a seeded
     shuffle."""
 
-    def source(index: int, entry: Mapping[str, Any]) -> ChromaMoePairSource:
+    def source(index: int, entry: Mapping[str, Any]) -> pair_stream.ChromaMoePairSource:
         if "path" in entry:
             location = expand_path(entry["path"])
             rows = functools.partial(load_pair_dataset, location, task=entry["task"], streaming=True)
-            fingerprint = {"entry": dict(entry), "files": path_fingerprint(location)}
+            fingerprint = {"entry": dict(entry), "files": pair_stream.path_fingerprint(location)}
         else:
             location = expand_path(entry["beir"])
             rows = functools.partial(
@@ -302,10 +232,10 @@ def load_training_pairs(config: Phase2Config, directory: Path) -> ChromaMoePairS
                 train_fraction=config.split_fraction, seed=config.split_seed,
             )  # fmt: skip
             fingerprint = {"entry": dict(entry), "split": [config.split_fraction, config.split_seed],
-                           "files": path_fingerprint(location)}  # fmt: skip
-        return ChromaMoePairSource(f"train_sources[{index}] ({location})", rows, fingerprint, entry.get("max_pairs"))
+                           "files": pair_stream.path_fingerprint(location)}  # fmt: skip
+        return pair_stream.ChromaMoePairSource(f"train_sources[{index}] ({location})", rows, fingerprint, entry.get("max_pairs"))
 
-    store = ChromaMoePairStore.open(directory, [source(i, entry) for i, entry in enumerate(config.train_sources)], config.seed)
+    store = pair_stream.ChromaMoePairStore.open(directory, [source(i, entry) for i, entry in enumerate(config.train_sources)], config.seed)
     for name, size in zip(store.names, store.sizes):
         logger.info("%s: %d pairs", name, size)
     return store
@@ -396,28 +326,53 @@ def load_dev_set(config: Phase2Config) -> RetrievalSet:
 
 
 @torch.no_grad()
-def embed_texts(model: ChromaMoeForEmbedding, features: dict[str, torch.Tensor], batch_size: int) -> torch.Tensor:
-    """L2-normalised embeddings `(N, D)` of tokenised texts, in eval mode, `batch_size` rows at a time."""
+def embed_texts(
+    model: torch.nn.Module, features: dict[str, torch.Tensor], batch_size: int, accelerator: Accelerator | None = None
+) -> torch.Tensor:
+    """L2-normalised embeddings `(N, D)` of tokenised texts, in eval mode, `batch_size` rows at a time.
+
+    With an `accelerator` of P processes, every process calls it: batch i runs on process i mod P and each process
+    returns all N rows (summed across processes, each row non-zero on one process only), the same bit for bit as one
+    process embedding everything. `model` may be the prepared (DDP- or FSDP-wrapped) model, whose forward is
+    collective: a process with fewer batches than another runs its first one again, so all run the same number of
+    forwards."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    parts = []
-    for start in range(0, features["input_ids"].shape[0], batch_size):
+    rows = features["input_ids"].shape[0]
+    world, rank = (accelerator.num_processes, accelerator.process_index) if accelerator else (1, 0)
+    starts = list(range(0, rows, batch_size))
+    mine = starts[rank::world]
+    parts: dict[int, torch.Tensor] = {}
+    for turn in range(math.ceil(len(starts) / world)):
+        start = mine[turn] if turn < len(mine) else starts[0]
         chunk = {key: value[start : start + batch_size].to(device) for key, value in features.items()}
-        parts.append(model(**chunk, normalize=True).sentence_embedding.float().cpu())
+        embeddings = model(**chunk, normalize=True).sentence_embedding.float().cpu()  # (b, D)
+        parts.setdefault(start, embeddings)
     model.train(was_training)
-    return torch.cat(parts)
+    if world == 1:
+        return torch.cat([parts[start] for start in starts])
+    gathered = torch.zeros(rows, embeddings.shape[1])  # (N, D)
+    for start in mine:
+        gathered[start : start + batch_size] = parts[start]
+    return accelerator.reduce(gathered.to(accelerator.device), "sum").cpu()
 
 
 def evaluate_retrieval(
-    model: ChromaMoeForEmbedding, collator: PairCollator, dev: RetrievalSet, task: str, batch_size: int
+    model: torch.nn.Module,
+    collator: PairCollator,
+    dev: RetrievalSet,
+    task: str,
+    batch_size: int,
+    accelerator: Accelerator | None = None,
 ) -> dict[str, float]:
     """nDCG@10, Recall@100 and MRR@10 (ranx, through `evaluation.tasks`) of cosine retrieval over the dev corpus.
-    Texts are embedded in length order, so a forward pads to similar lengths."""
+    Texts are embedded in length order, split over the processes of `accelerator` (`embed_texts`); every process
+    ranks the gathered embeddings and returns the same metrics."""
 
     def embed(features: dict[str, torch.Tensor]) -> torch.Tensor:
         order = torch.argsort(features["attention_mask"].sum(dim=1))  # (N,)
-        embeddings = embed_texts(model, {key: value[order] for key, value in features.items()}, batch_size)
+        embeddings = embed_texts(model, {key: value[order] for key, value in features.items()}, batch_size, accelerator)
         return embeddings[torch.argsort(order)]
 
     queries = embed(collator.queries(dev.query_texts, [task] * len(dev.query_texts)))  # (Q, D)
@@ -441,7 +396,7 @@ def build_model(config: Phase2Config) -> tuple[ChromaMoeForEmbedding, PreTrained
             raise FileNotFoundError(f"config key 'init_from'={config.init_from!r}: {folder} has no config.json")
         model = ChromaMoeForEmbedding.from_pretrained(folder, **overrides)
     else:
-        model = ChromaMoeForEmbedding(ChromaMoeConfig.from_preset(config.model["preset"], **overrides))
+        model = ChromaMoeForEmbedding(config.model_config())
     tokenizer_dir = Path(expand_path(config.tokenizer or config.init_from))
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise FileNotFoundError(
@@ -465,39 +420,8 @@ def save_final(model: ChromaMoeForEmbedding, tokenizer: PreTrainedTokenizerFast,
     save_sentence_transformer(st_model, target)
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Keep the log lines of steps <= `step`: a resumed run rewrites whatever came after its checkpoint."""
-    if path.is_file():
-        lines = path.read_text(encoding="utf-8").splitlines()
-        path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= step), encoding="utf-8")
-
-
-def _log(accelerator: Accelerator, log_path: Path, step: int, metrics: dict[str, float]) -> None:
-    """To the trackers, and (main process) one `train_log.jsonl` line without the per-expert load shares."""
-    accelerator.log(metrics, step=step)
-    if accelerator.is_main_process:
-        record = {"step": step, **{key: value for key, value in metrics.items() if not key.startswith("moe/")}}
-        with log_path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-
-
-def _dev_eval(
-    accelerator: Accelerator, model: ChromaMoeForEmbedding, collator: PairCollator, dev: RetrievalSet, config: Phase2Config
-) -> dict[str, float]:
-    """The main process evaluates (on the unwrapped model: no collectives), the others wait; the metrics are broadcast
-    so every process logs the same values."""
-    values: list[dict[str, float] | None] = [None]
-    if accelerator.is_main_process:
-        values = [evaluate_retrieval(model, collator, dev, config.dev_task, config.eval_batch_size)]
-        logger.info("dev (%d queries, %d documents): %s", len(dev.query_ids), len(dev.doc_ids), json.dumps(values[0]))
-    accelerator.wait_for_everyone()
-    if accelerator.num_processes > 1:
-        torch.distributed.broadcast_object_list(values, src=0)
-    return values[0]
-
-
 def build_distillation(
-    config: Phase2Config, output_dir: Path, pairs: ChromaMoePairStore, sampler: ChromaMoePairSampler, step: int, device: str
+    config: Phase2Config, output_dir: Path, pairs: pair_stream.ChromaMoePairStore, sampler: pair_stream.ChromaMoePairSampler, step: int, device: str
 ) -> ChromaMoeDistillation | None:
     """The teacher side of the run (None without `teacher`), with the teacher embeddings of every pair the steps from
     `step` on will draw already in the cache (encoded once, split over processes; a resumed run encodes nothing it
@@ -521,147 +445,126 @@ def build_distillation(
     return distillation
 
 
+class Phase2Trainer(ChromaMoeTrainer):
+    """Contrastive tuning on `ChromaMoeTrainer`'s loop; construct, then `train()`."""
+
+    name = "phase 2"
+    resume_fixed_keys = RESUME_FIXED_KEYS
+    schedule_keys = (*SCHEDULE_KEYS, "temperature_learning_rate")
+
+    def __init__(self, cfg: Phase2Config, accelerator: Accelerator) -> None:
+        super().__init__(cfg, accelerator)
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            # Accelerate turns every `backward` under DeepSpeed into an engine step at an accumulation boundary, while
+            # GradCache back-propagates each chunk separately into one optimizer step, and ZeRO would not shard the
+            # temperature, which lives outside the model. Refused rather than trained with wrong gradients.
+            raise ConfigError(
+                "phase 2 does not run under DeepSpeed (GradCache back-propagates several chunks per optimizer step): "
+                "launch it with train/accelerate/ddp.yaml or fsdp.yaml"
+            )
+        world = accelerator.num_processes
+        if cfg.global_batch_size % world:
+            cfg.refuse("global_batch_size", f"is not divisible by the {world} processes")
+        local_batch = cfg.global_batch_size // world
+
+        torch.manual_seed(cfg.seed)
+        model, self.tokenizer = build_model(cfg)
+        lengths = (cfg.max_query_length, cfg.max_document_length)
+        encoder = ChromaMoeSentenceEncoder(model, self.tokenizer, max_seq_length=max(lengths))
+        self.collator = PairCollator(encoder, *lengths, cfg.max_negatives_per_query)
+        with accelerator.main_process_first():
+            self.pairs = load_training_pairs(cfg, self.output_dir / pair_stream.PAIRS_DIR)
+            self.dev = load_dev_set(cfg) if cfg.dev_beir else None
+        self.sampler = pair_stream.ChromaMoePairSampler(
+            self.pairs.sizes, self.pairs.names, cfg.global_batch_size, cfg.seed, cfg.batch_sampling, cfg.source_alpha
+        )
+        tasks = {entry["task"] for entry in cfg.train_sources} | ({cfg.dev_task} if self.dev else set())
+        check_instruction_fits(self.tokenizer, tasks, cfg.max_query_length)
+
+        self.loss_fn = InfoNCELoss(
+            cfg.temperature, (cfg.temperature_min, cfg.temperature_max), cfg.symmetric_loss, cfg.matryoshka_dims
+        ).to(accelerator.device)
+        temperature = {"params": [self.loss_fn.log_temperature], "lr": cfg.temperature_learning_rate,
+                       "weight_decay": 0.0}  # fmt: skip
+        self.prepare(model, local_batch, extra_groups=[temperature], checkpointed=[self.loss_fn])
+        self.load_resume()
+        self.distillation = build_distillation(cfg, self.output_dir, self.pairs, self.sampler, self.start_step,
+                                               str(accelerator.device))  # fmt: skip
+        self.dev_metrics: dict[str, float] = {}
+        self.info(f"{len(self.pairs)} training pairs; global batch {cfg.global_batch_size} ({local_batch} per process, "
+                  f"chunks of {cfg.chunk_size} texts)")  # fmt: skip
+
+    def step(self, step: int) -> ChromaMoeStepStats:
+        """One GradCache step over this process's share of the global batch (queries scored against every process's
+        documents), the temperature clamped after the optimizer step."""
+        acc = self.acc
+        sources, rows = self.sampler.process_batch(step, acc.process_index, acc.num_processes)
+        records = self.pairs.rows(sources, rows)
+        batch = self.collator(records)
+        if self.distillation is not None:
+            batch = self.distillation.attach(batch, records)
+        distill_fn = None if self.distillation is None else self.distillation.loss
+        output = grad_cache_step(
+            self.model, self.loss_fn, batch.to(acc.device), self.cfg.chunk_size, backward=acc.backward,
+            no_sync=lambda: acc.no_sync(self.model), distill_fn=distill_fn,
+        )  # fmt: skip
+        loss = float(acc.reduce(output.loss.to(acc.device), reduction="mean"))
+        counts = None  # (moe_layers, experts) over the global batch
+        if output.expert_counts:
+            counts = acc.reduce(torch.stack(output.expert_counts).to(acc.device), reduction="sum")
+        grad_norm, lrs = self.optimizer_step(step, loss, counts)
+        self.loss_fn.clamp_()
+        figures = {"aux_loss": output.aux_loss, **output.distill}
+        values = {name: float(acc.reduce(value.to(acc.device), reduction="mean")) for name, value in figures.items()}
+        values |= {"temperature": self.loss_fn.temperature, "texts": float(output.texts)}
+        return ChromaMoeStepStats(loss, grad_norm, lrs, counts, values)
+
+    def metrics(self, window: list[ChromaMoeStepStats]) -> dict[str, float]:
+        """The last step's figures: loss, balance loss, temperature, distillation terms, the temperature's lr, texts/s."""
+        last = window[-1]
+        return {
+            "train/loss": last.loss,
+            **{f"train/{name}": value for name, value in last.values.items() if name != "texts"},
+            "train/temperature_lr": last.lrs[-1],
+            "train/texts_per_s": last.values["texts"] * self.acc.num_processes / last.seconds,
+        }
+
+    def events(self, step: int, stats: ChromaMoeStepStats | None) -> dict[str, float]:
+        """The dev metrics, every `eval_every` steps (from step 0) and at the last step."""
+        cfg, dev = self.cfg, self.dev
+        if dev is None or not ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+            return {}
+        self.dev_metrics = evaluate_retrieval(
+            self.model, self.collator, dev, cfg.dev_task, cfg.eval_batch_size, self.acc
+        )
+        self.info(f"dev ({len(dev.query_ids)} queries, {len(dev.doc_ids)} documents): {json.dumps(self.dev_metrics)}")
+        return {f"dev/{name}": value for name, value in self.dev_metrics.items()}
+
+    def write_final(self, folder: Path, state_dict: dict[str, torch.Tensor]) -> None:
+        """The main process loads the gathered weights into a fresh model of the same config and saves the
+        sentence-transformers folder (`save_final`)."""
+        if self.acc.is_main_process:
+            model = ChromaMoeForEmbedding(self.unwrapped.config)
+            model.load_state_dict(state_dict)
+            save_final(model, self.tokenizer, self.cfg, folder)
+            logger.info("saved the sentence-transformers folder %s", folder)
+
+
 def train(config: Phase2Config) -> dict[str, float]:
     """Run phase 2 (once per process under `accelerate launch`) and return the last dev metrics (empty without a dev
     set)."""
-    output_dir = Path(expand_path(config.output_dir))
-    checkpoints_dir = output_dir / "checkpoints"
-    accelerator = make_accelerator(output_dir, config.mixed_precision)
-    checkpoint = resolve_resume(
-        config.resume, checkpoints_dir, dataclasses.asdict(config), RESUME_FIXED_KEYS, SCHEDULE_KEYS
-    )
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        # Accelerate turns every `backward` under DeepSpeed into an engine step at an accumulation boundary, while
-        # GradCache back-propagates each chunk separately into one optimizer step, and ZeRO would not shard the
-        # temperature, which lives outside the model. Refused rather than trained with wrong gradients.
-        raise ConfigError(
-            "phase 2 does not run under DeepSpeed (GradCache back-propagates several chunks per optimizer step): "
-            "launch it with train/accelerate/ddp.yaml or fsdp.yaml"
-        )
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if config.global_batch_size % world:
-        raise ConfigError(f"config key 'global_batch_size'={config.global_batch_size} is not divisible by the {world} processes")
-    local_batch = config.global_batch_size // world
-
-    torch.manual_seed(config.seed)
-    model, tokenizer = build_model(config)
-    encoder = ChromaMoeSentenceEncoder(model, tokenizer, max_seq_length=max(config.max_query_length, config.max_document_length))
-    collator = PairCollator(encoder, config.max_query_length, config.max_document_length, config.max_negatives_per_query)
-    with accelerator.main_process_first():
-        pairs = load_training_pairs(config, output_dir / PAIRS_DIR)
-        dev = load_dev_set(config) if config.dev_beir else None
-    sampler = ChromaMoePairSampler(pairs.sizes, pairs.names, config.global_batch_size, config.seed,
-                                   config.batch_sampling, config.source_alpha)  # fmt: skip
-    tasks = {entry["task"] for entry in config.train_sources} | ({config.dev_task} if dev else set())
-    check_instruction_fits(tokenizer, tasks, config.max_query_length)
-
-    loss_fn = InfoNCELoss(
-        config.temperature, (config.temperature_min, config.temperature_max), config.symmetric_loss, config.matryoshka_dims
-    ).to(accelerator.device)
-    temperature = {"params": [loss_fn.log_temperature], "lr": config.temperature_learning_rate, "weight_decay": 0.0}
-    optimizer = build_optimizer(
-        model, config.learning_rate, config.weight_decay, (config.adam_beta1, config.adam_beta2), config.adam_epsilon,
-        extra_groups=[temperature],
-    )  # fmt: skip
-    scheduler = build_scheduler(
-        optimizer, config.min_learning_rate / config.learning_rate, config.warmup_steps, config.max_steps
-    )
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    accelerator.register_for_checkpointing(loss_fn)
-    unwrapped: ChromaMoeForEmbedding = accelerator.unwrap_model(model)
-    moe_layers = [i for i in range(unwrapped.config.num_hidden_layers) if unwrapped.config.is_moe_layer(i)]
-    parameters = [p for group in optimizer.param_groups for p in group["params"]]
-
-    step = 0
-    if checkpoint is not None:
-        step = load_checkpoint(accelerator, checkpoint)["step"]
-        logger.info("resumed from %s at step %d", checkpoint, step)
-    distillation = build_distillation(config, output_dir, pairs, sampler, step, str(accelerator.device))
-    accelerator.init_trackers("phase2", config=flatten_for_tracker(dataclasses.asdict(config)))
-    log_path = output_dir / TRAIN_LOG
-    if accelerator.is_main_process:
-        (output_dir / RUN_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=1), encoding="utf-8")
-        _truncate_log(log_path, step)
-        logger.info("%d training pairs; global batch %d (%d per process, chunks of %d texts)", len(pairs),
-                    config.global_batch_size, local_batch, config.chunk_size)  # fmt: skip
-
-    dev_metrics: dict[str, float] = {}
-    log_counts = torch.zeros(len(moe_layers), unwrapped.config.n_routed_experts, dtype=torch.long)
-    checkpoint_counts = log_counts.clone()
-    if dev is not None and config.eval_every and step == 0:  # the starting point of the dev curve
-        dev_metrics = _dev_eval(accelerator, unwrapped, collator, dev, config)
-        _log(accelerator, log_path, 0, {f"dev/{name}": value for name, value in dev_metrics.items()})
-    progress = tqdm(total=config.max_steps, initial=step, desc="phase 2", unit="step", disable=not accelerator.is_main_process)
-    while step < config.max_steps:
-        started = time.perf_counter()
-        sources, rows = sampler.process_batch(step, rank, world)
-        records = pairs.rows(sources, rows)
-        batch = collator(records) if distillation is None else distillation.attach(collator(records), records)
-        output = grad_cache_step(
-            model, loss_fn, batch.to(accelerator.device), config.chunk_size, backward=accelerator.backward,
-            no_sync=lambda: accelerator.no_sync(model), distill_fn=None if distillation is None else distillation.loss,
-        )  # fmt: skip
-        grad_norm = accelerator.clip_grad_norm_(parameters, config.max_grad_norm or math.inf)
-        loss = accelerator.reduce(output.loss.to(accelerator.device), reduction="mean")
-        raise_if_not_finite({"loss": float(loss), "grad_norm": float(grad_norm)}, step + 1, checkpoint)
-        lrs = scheduler.get_last_lr()  # this step's: the model's groups, then the temperature's
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn.clamp_()
-        counts = accelerator.reduce(torch.stack(output.expert_counts).to(accelerator.device), reduction="sum")  # (L, E)
-        unwrapped.update_router_bias(tuple(counts))
-        log_counts += counts.cpu()
-        checkpoint_counts += counts.cpu()
-        step += 1
-        progress.update(1)
-
-        metrics: dict[str, float] = {}
-        if step % config.log_every == 0 or step == config.max_steps:
-            metrics = {
-                "train/loss": float(loss),
-                "train/aux_loss": float(accelerator.reduce(output.aux_loss.to(accelerator.device), reduction="mean")),
-                "train/temperature": loss_fn.temperature,
-                **{f"train/{name}": float(accelerator.reduce(value.to(accelerator.device), reduction="mean"))
-                   for name, value in output.distill.items()},  # fmt: skip
-                "train/lr": lrs[0],
-                "train/temperature_lr": lrs[-1],
-                "train/grad_norm": float(grad_norm),
-                "train/texts_per_s": output.texts * world / (time.perf_counter() - started),
-                **expert_load_stats(log_counts, moe_layers),
-            }
-            log_counts.zero_()
-            progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", tau=f"{loss_fn.temperature:.4f}")
-        if dev is not None and ((config.eval_every and step % config.eval_every == 0) or step == config.max_steps):
-            dev_metrics = _dev_eval(accelerator, unwrapped, collator, dev, config)
-            metrics.update({f"dev/{name}": value for name, value in dev_metrics.items()})
-        if metrics:
-            _log(accelerator, log_path, step, metrics)
-        if config.checkpoint_every and (step % config.checkpoint_every == 0 or step == config.max_steps):
-            heatmap_counts, title = checkpoint_counts.clone(), f"phase 2: expert load, steps up to {step}"
-            checkpoint = save_checkpoint(
-                accelerator, checkpoints_dir, step, {"step": step, "config": dataclasses.asdict(config)},
-                lambda folder: save_routing_heatmap(heatmap_counts, moe_layers, folder / "routing_heatmap.png", title),
-            )  # fmt: skip
-            checkpoint_counts.zero_()
-    progress.close()
-
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_final(unwrapped, tokenizer, config, output_dir / "final")
-        logger.info("saved the sentence-transformers folder %s", output_dir / "final")
-    accelerator.end_training()
-    return dev_metrics
+    accelerator = common.make_accelerator(expand_path(config.output_dir), config.mixed_precision)
+    try:
+        trainer = Phase2Trainer(config, accelerator)
+        trainer.train()
+    finally:
+        accelerator.end_training()
+    return trainer.dev_metrics
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = config_from_command_line(
-        Phase2Config, argv, prog="accelerate launch train/phase2.py",
-        description="Phase-2 contrastive instruction tuning of Chroma-MoE (see the module docstring).",
-        example="train/configs/phase2_small.yaml",
-    )  # fmt: skip
-    return train(config)
+    return train(Phase2Config.from_command_line(argv, "phase2", "Phase-2 contrastive instruction tuning of Chroma-MoE"))
 
 
 if __name__ == "__main__":

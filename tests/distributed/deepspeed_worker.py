@@ -10,9 +10,9 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from train import phase1
+from train import common, phase1
 
-SAVE_CHECKPOINT = phase1.save_checkpoint
+SAVE_CHECKPOINT = common.save_checkpoint
 
 
 class Preempted(Exception):
@@ -26,7 +26,7 @@ def save_then_stop(*args, **kwargs):
 if __name__ == "__main__":
     config_file, losses_file, *flags = sys.argv[1:]
     if flags == ["--stop-after-checkpoint"]:
-        phase1.save_checkpoint = save_then_stop
+        common.save_checkpoint = save_then_stop
     elif flags:
         sys.exit(f"unknown arguments {flags}")
     try:
