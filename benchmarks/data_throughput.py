@@ -6,8 +6,8 @@ The raw text of ``../shared/data/raw`` is repeated into a ``--megabytes`` jsonl 
 the point). Both paths deliver what ``train/phase1.py`` trains on: masked micro-batches (input_ids, labels) of
 ``--batch-size`` × ``--seq-len`` tokens for rank 0 of ``--processes``, built by phase 1's own functions:
 
-- on the fly (``onthefly_micro_batches``): read, tokenise and pack the stream in the loop; every process packs the
-  whole step and keeps its share, so its rate is the pipeline's divided by ``--processes``;
+- on the fly (``onthefly_micro_batches``): read and filter the whole stream, tokenise and pack this process's share
+  of the texts (every ``--processes``-th) in the loop;
 - shards (``ShardMicroBatches`` through ``shard_loader``, ``--workers`` DataLoader workers): the corpus is
   pre-tokenised once (``train.pretokenize``, ``--num-proc``; its rate is printed, not part of the per-process figure)
   and the process reads only its own rows.
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         del loader
 
         blocks = PackedBlocks(lambda epoch: build_text_stream(sources, seed=epoch, dedup=False), tokenizer,
-                              args.seq_len, verbose=False)  # fmt: skip
+                              args.seq_len, rank=0, processes=args.processes, verbose=False)  # fmt: skip
 
         def steps() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             while True:
