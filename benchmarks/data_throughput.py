@@ -47,9 +47,12 @@ MLM_PROBABILITY = 0.15
 
 def write_corpus(path: Path, megabytes: float) -> int:
     """Repeat the texts of ``shared_data_dir()/raw/*.jsonl`` into ``path`` until it holds ``megabytes``; returns the
-    number of texts written."""
-    texts = [json.loads(line)["text"] for file in sorted((shared_data_dir() / "raw").glob("*.jsonl"))
+    number of texts written. FileNotFoundError if that folder holds no text."""
+    raw = shared_data_dir() / "raw"
+    texts = [json.loads(line)["text"] for file in sorted(raw.glob("*.jsonl"))
              for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]  # fmt: skip
+    if not texts:
+        raise FileNotFoundError(f"no text in {raw}/*.jsonl to repeat (set CHROMA_SHARED_DATA to the shared data folder)")
     lines = [json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in texts]
     target, written, count = megabytes * 1e6, 0, 0
     with path.open("w", encoding="utf-8") as handle:

@@ -112,3 +112,13 @@ def test_a_process_without_texts_names_the_counts(tiny_phase1_config, tmp_path):
         blocks.take(1)
     with pytest.raises(ValueError, match=r"rank 3 of 3 processes: expected 0 <= rank < processes"):
         _blocks(tiny_phase1_config, 3, 3)
+
+
+def test_the_throughput_benchmark_refuses_a_raw_folder_without_text(tmp_path, monkeypatch):
+    """An empty ``raw`` folder once made ``benchmarks.data_throughput`` repeat nothing forever."""
+    from benchmarks.data_throughput import write_corpus
+
+    (tmp_path / "raw").mkdir()
+    monkeypatch.setenv("CHROMA_SHARED_DATA", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=rf"no text in {tmp_path}/raw/\*.jsonl to repeat"):
+        write_corpus(tmp_path / "corpus.jsonl", megabytes=1)
