@@ -99,7 +99,7 @@ def test_run_state_resumes_each_process_exactly_and_refuses_another_process_coun
         assert first == 14 and (again == expected[rank]).all()
 
     message = (r"the on-the-fly data position was written by 2 process\(es\), this run has 1: on-the-fly batches "
-               r"depend on the number of processes; resume with 2, or pre-tokenise")  # fmt: skip
+               r"depend on the number of processes; resume with 2 \(a run from pre-tokenised data")  # fmt: skip
     with pytest.raises(ConfigError, match=message):
         _blocks(tiny_phase1_config, 0, 1).load_run_state(position, buffer)
 

@@ -153,7 +153,7 @@ class PackedBlocks:
     def run_state(states: Sequence[tuple[Mapping[str, Any], np.ndarray]]) -> tuple[dict[str, Any], np.ndarray]:
         """Every process's ``state_dict()``, in rank order → the checkpoint's data position
         ``{"processes": P, "blocks_emitted": n, "ranks": [{"epoch", "texts_this_epoch", "text_stream",
-        "buffer_tokens"}, …]}`` and the P buffers concatenated (int64, fewer than one step's tokens in all)."""
+        "buffer_tokens"}, …]}`` and the P unread-token buffers concatenated (int64)."""
         ranks = [
             {key: value for key, value in position.items() if key != "blocks_emitted"} | {"buffer_tokens": len(buffer)}
             for position, buffer in states
@@ -169,7 +169,7 @@ class PackedBlocks:
             raise ConfigError(
                 f"the on-the-fly data position was written by {position['processes']} process(es), this run has "
                 f"{self.processes}: on-the-fly batches depend on the number of processes; resume with "
-                f"{position['processes']}, or pre-tokenise (config key 'pretokenized') to change it"
+                f"{position['processes']} (a run from pre-tokenised data, config key 'pretokenized', resumes on any)"
             )
         sizes = [rank["buffer_tokens"] for rank in position["ranks"]]
         start = sum(sizes[: self.rank])
@@ -185,7 +185,8 @@ class BatchLayout:
     """Where one process's micro-batches sit in the run's sequence of blocks: step ``s`` is the ``blocks_per_step``
     blocks from ``s · blocks_per_step``; its micro-batch ``j`` on process ``rank`` of ``processes`` is the step's rows
     ``(j · processes + rank) · batch_size`` … +``batch_size`` (rows of a micro-batch consecutive, processes
-    interleaved), for ``j`` < ``accum``. Independent of the process count: the same step is the same blocks."""
+    interleaved), for ``j`` < ``accum``. From shards independent of the process count: the same step is the same
+    blocks (on the fly each process packs its own blocks, which take its places and their indices)."""
 
     blocks_per_step: int
     batch_size: int
