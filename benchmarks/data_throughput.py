@@ -6,8 +6,8 @@ The raw text of ``../shared/data/raw`` is repeated into a ``--megabytes`` jsonl 
 the point). Both paths deliver what ``train/phase1.py`` trains on: masked micro-batches (input_ids, labels) of
 ``--batch-size`` × ``--seq-len`` tokens for rank 0 of ``--processes``, built by phase 1's own functions:
 
-- on the fly (``onthefly_micro_batches``): read, tokenise and pack the stream in the loop; every process packs the
-  whole step and keeps its share, so its rate is the pipeline's divided by ``--processes``;
+- on the fly (``onthefly_micro_batches``): read and filter the whole stream, tokenise and pack this process's share
+  of the texts (every ``--processes``-th) in the loop;
 - shards (``ShardMicroBatches`` through ``shard_loader``, ``--workers`` DataLoader workers): the corpus is
   pre-tokenised once (``train.pretokenize``, ``--num-proc``; its rate is printed, not part of the per-process figure)
   and the process reads only its own rows.
@@ -47,9 +47,12 @@ MLM_PROBABILITY = 0.15
 
 def write_corpus(path: Path, megabytes: float) -> int:
     """Repeat the texts of ``shared_data_dir()/raw/*.jsonl`` into ``path`` until it holds ``megabytes``; returns the
-    number of texts written."""
-    texts = [json.loads(line)["text"] for file in sorted((shared_data_dir() / "raw").glob("*.jsonl"))
+    number of texts written. FileNotFoundError if that folder holds no text."""
+    raw = shared_data_dir() / "raw"
+    texts = [json.loads(line)["text"] for file in sorted(raw.glob("*.jsonl"))
              for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]  # fmt: skip
+    if not texts:
+        raise FileNotFoundError(f"no text in {raw}/*.jsonl to repeat (set CHROMA_SHARED_DATA to the shared data folder)")
     lines = [json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in texts]
     target, written, count = megabytes * 1e6, 0, 0
     with path.open("w", encoding="utf-8") as handle:
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         del loader
 
         blocks = PackedBlocks(lambda epoch: build_text_stream(sources, seed=epoch, dedup=False), tokenizer,
-                              args.seq_len, verbose=False)  # fmt: skip
+                              args.seq_len, rank=0, processes=args.processes, verbose=False)  # fmt: skip
 
         def steps() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             while True:

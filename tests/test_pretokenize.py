@@ -5,8 +5,10 @@ position does not grow with the steps."""
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -79,6 +81,23 @@ def test_manifest_counts_blocks_and_num_proc_independence(tiny_phase1_config, tm
     )
     with pytest.raises(FileExistsError, match="already exists"):
         _pretokenized(config, tmp_path / "two")
+
+
+def test_take_reads_rows_across_record_batches_like_arrow(tiny_phase1_config, tmp_path, monkeypatch):
+    """Blocks saved 3 per Arrow record batch (many batches, as a large corpus has): ``take`` gathers any rows,
+    within and across batches, as pyarrow's ``take`` does; a pickled reader reopens the folder; a row outside is
+    named."""
+    monkeypatch.setattr(datasets.config, "DEFAULT_MAX_BATCH_SIZE", 3)  # save_to_disk's rows per record batch
+    config = _pretokenized(tiny_phase1_config, tmp_path / "blocks")
+    shards = PackedBlockShards(config["pretokenized"])
+    assert shards.table.column("input_ids").num_chunks > 5
+    rows = np.random.default_rng(0).permutation(len(shards))  # every row once, batches interleaved
+    want = np.asarray(shards.table.column("input_ids").take(rows).to_pylist(), dtype=np.int64)  # (n, L)
+    assert (shards.take(rows) == want).all() and (shards.take(rows[:3]) == want[:3]).all()
+    reopened = pickle.loads(pickle.dumps(shards))
+    assert len(pickle.dumps(shards)) < 1000 and (reopened.take(rows) == want).all()  # the path, not the blocks
+    with pytest.raises(IndexError, match=rf"row {len(shards)} outside the folder's {len(shards)} blocks"):
+        shards.take(np.array([0, len(shards)]))
 
 
 def test_block_order_is_a_seeded_permutation_per_epoch():

@@ -1,7 +1,8 @@
 """Phase 1's input pipeline: packed blocks read on the fly or from a pre-tokenised folder, BERT/SpanBERT masking
 deterministic per block, and each process's slice of every global batch.
 
-- ``PackedBlocks``: the on-the-fly path (small runs): texts tokenised and packed into ``seq_len`` blocks in the loop.
+- ``PackedBlocks``: the on-the-fly path (small runs): each process tokenises its share of the texts and packs it into
+  ``seq_len`` blocks in the loop (its batches depend on the number of processes).
 - ``ShardMicroBatches`` + ``shard_loader``: the scale path: one process's micro-batches read by block index from the
   memory-mapped shards of ``python -m train.pretokenize``, in DataLoader workers.
 - ``MlmMasker``: the masking of a block depends only on (seed, its run-wide index).
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
+from train.common import ConfigError
 from train.data import TextStream
 from train.pretokenize import BlockOrder, PackedBlockShards
 
@@ -32,11 +34,19 @@ TEXTS_PER_READ = 256  # texts tokenised per batch call (the fast tokenizer paral
 
 
 class PackedBlocks:
-    """Endless stream of packed blocks ``[<s>, t_1 … t_{L-1}]`` cut from the concatenation ``text₁ </s> text₂ </s> …``.
+    """Endless stream of one process's packed blocks ``[<s>, t_1 … t_{L-1}]`` cut from the concatenation
+    ``text₁ </s> text₂ </s> …`` of its share of the texts.
 
-    ``make_stream(epoch)`` returns a fresh ``TextStream`` for each pass over the data (dedup is per pass). The position
-    is (epoch, the text stream's state after the last text read, the tokens read but not yet emitted, blocks emitted),
-    so a restored stream continues with exactly the blocks an uninterrupted one would have produced.
+    ``make_stream(epoch)`` returns a fresh ``TextStream`` for each pass over the data (dedup is per pass). Every process
+    reads and filters the whole stream (so all see the same filtered sequence) but tokenises and packs only its share:
+    texts ``i`` with ``i mod processes == rank`` (``datasets.distributed.split_dataset_by_node``'s rule for an iterable
+    that is not split by files). The blocks a process trains on therefore depend on the number of processes.
+
+    ``blocks_emitted`` counts the run's blocks, all processes together: every process takes the same number per step,
+    so a ``take(n)`` advances it by ``n · processes``. The position is (epoch, the text stream's state after the last
+    text read, the filtered texts passed this epoch, the tokens read but not yet emitted, blocks emitted), so a
+    restored stream continues with exactly the blocks an uninterrupted one would have produced. ``run_state`` and
+    ``load_run_state`` gather every process's position into a checkpoint and refuse one of another process count.
     """
 
     def __init__(
@@ -44,41 +54,56 @@ class PackedBlocks:
         make_stream: Callable[[int], TextStream],
         tokenizer: PreTrainedTokenizerBase,
         seq_len: int,
+        rank: int = 0,
+        processes: int = 1,
         verbose: bool = True,
     ) -> None:
+        if not 0 <= rank < processes:
+            raise ValueError(f"rank {rank} of {processes} processes: expected 0 <= rank < processes")
         self.make_stream = make_stream
         self.verbose = verbose  # log each epoch's filter counts (the main process does; the others read the same data)
         self.tokenizer = tokenizer
         self.seq_len = seq_len
+        self.rank = rank
+        self.processes = processes
         self.epoch = 0
         self.blocks_emitted = 0
         self._buffer = np.empty(0, dtype=np.int64)
         self._stream: TextStream | None = None
-        self._iterator = None
+        self._iterator: Iterator[str] | None = None
         self._restore: dict[str, Any] | None = None  # a loaded text-stream position, applied when the stream opens
-        self._texts_this_epoch = 0
+        self._texts_this_epoch = 0  # filtered texts of every process passed in this epoch
 
     def _open(self) -> None:
         self._stream = self.make_stream(self.epoch)
         if self._restore is not None:
             self._stream.load_state_dict(self._restore)
             self._restore = None
-        self._iterator = iter(self._stream)
+        self._iterator = self._share(iter(self._stream))
+
+    def _share(self, texts: Iterator[str]) -> Iterator[str]:
+        """This process's texts of the filtered stream; when it yields, the stream has read nothing past that text."""
+        for text in texts:
+            index = self._texts_this_epoch
+            self._texts_this_epoch += 1
+            if index % self.processes == self.rank:
+                yield text
 
     def _read(self) -> list[np.ndarray]:
-        """Tokenise the next texts (each followed by ``</s>``); crosses into the next epoch at the end of the data."""
+        """Tokenise this process's next texts (each followed by ``</s>``); crosses into the next epoch at the end of
+        the data. ValueError if an epoch yields no text for this process."""
         while True:
             if self._iterator is None:
                 self._open()
             texts = list(itertools.islice(self._iterator, TEXTS_PER_READ))
             if texts:
-                self._texts_this_epoch += len(texts)
                 encoded = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)
                 eos = [self.tokenizer.eos_token_id]
                 return [np.asarray(ids + eos, dtype=np.int64) for ids in encoded["input_ids"]]
-            if self._texts_this_epoch == 0:
+            if self._texts_this_epoch <= self.rank:
                 raise ValueError(
-                    f"the phase-1 data yielded no text in epoch {self.epoch}: {self._stream.stats.summary()}"
+                    f"the phase-1 data yielded {self._texts_this_epoch} text(s) in epoch {self.epoch}, none for "
+                    f"process {self.rank} of {self.processes}: {self._stream.stats.summary()}"
                 )
             if self.verbose:
                 logger.info(f"data epoch {self.epoch} done: {self._stream.stats.summary()}")
@@ -86,7 +111,7 @@ class PackedBlocks:
             self._iterator, self._stream, self._texts_this_epoch = None, None, 0
 
     def take(self, count: int) -> tuple[int, np.ndarray]:
-        """The next ``count`` blocks ``(count, seq_len)`` and the run-wide index of the first."""
+        """This process's next ``count`` blocks ``(count, seq_len)`` and ``blocks_emitted`` before them."""
         body = self.seq_len - 1
         needed = count * body
         pieces, have = [self._buffer], len(self._buffer)
@@ -100,12 +125,12 @@ class PackedBlocks:
         blocks[:, 0] = self.tokenizer.bos_token_id
         blocks[:, 1:] = flat[:needed].reshape(count, body)
         first = self.blocks_emitted
-        self.blocks_emitted += count
+        self.blocks_emitted += count * self.processes
         return first, blocks
 
     def state_dict(self) -> tuple[dict[str, Any], np.ndarray]:
-        """(JSON-able position, unread token buffer). The text stream only moves inside ``take``, so its state now is
-        its state after the last text read, the one that matches the buffer."""
+        """This process's (JSON-able position, unread token buffer). The text stream only moves inside ``take``, so
+        its state now is its state after the last text read, the one that matches the buffer."""
         text_stream = self._stream.state_dict() if self._stream is not None else self._restore
         position = {
             "epoch": self.epoch,
@@ -116,12 +141,40 @@ class PackedBlocks:
         return position, self._buffer.copy()
 
     def load_state_dict(self, position: Mapping[str, Any], buffer: np.ndarray) -> None:
+        """Continue from this process's ``state_dict()``."""
         self.epoch = position["epoch"]
         self.blocks_emitted = position["blocks_emitted"]
         self._texts_this_epoch = position["texts_this_epoch"]
         self._restore = position["text_stream"]
         self._buffer = buffer.astype(np.int64)
         self._iterator = self._stream = None
+
+    @staticmethod
+    def run_state(states: Sequence[tuple[Mapping[str, Any], np.ndarray]]) -> tuple[dict[str, Any], np.ndarray]:
+        """Every process's ``state_dict()``, in rank order → the checkpoint's data position
+        ``{"processes": P, "blocks_emitted": n, "ranks": [{"epoch", "texts_this_epoch", "text_stream",
+        "buffer_tokens"}, …]}`` and the P unread-token buffers concatenated (int64)."""
+        ranks = [
+            {key: value for key, value in position.items() if key != "blocks_emitted"} | {"buffer_tokens": len(buffer)}
+            for position, buffer in states
+        ]
+        position = {"processes": len(states), "blocks_emitted": states[0][0]["blocks_emitted"], "ranks": ranks}
+        return position, np.concatenate([buffer for _, buffer in states]).astype(np.int64)
+
+    def load_run_state(self, position: Mapping[str, Any], buffer: np.ndarray) -> None:
+        """Continue from ``run_state``'s checkpoint: this process takes its own rank's position and buffer. ConfigError
+        naming both counts if the checkpoint was written by another number of processes (each process's texts, and
+        so its blocks, depend on that number)."""
+        if position["processes"] != self.processes:
+            raise ConfigError(
+                f"the on-the-fly data position was written by {position['processes']} process(es), this run has "
+                f"{self.processes}: on-the-fly batches depend on the number of processes; resume with "
+                f"{position['processes']} (a run from pre-tokenised data, config key 'pretokenized', resumes on any)"
+            )
+        sizes = [rank["buffer_tokens"] for rank in position["ranks"]]
+        start = sum(sizes[: self.rank])
+        own = dict(position["ranks"][self.rank]) | {"blocks_emitted": position["blocks_emitted"]}
+        self.load_state_dict(own, buffer[start : start + sizes[self.rank]])
 
     def filter_summary(self) -> str:
         return self._stream.stats.summary() if self._stream is not None else "no text read in this epoch yet"
@@ -132,7 +185,8 @@ class BatchLayout:
     """Where one process's micro-batches sit in the run's sequence of blocks: step ``s`` is the ``blocks_per_step``
     blocks from ``s · blocks_per_step``; its micro-batch ``j`` on process ``rank`` of ``processes`` is the step's rows
     ``(j · processes + rank) · batch_size`` … +``batch_size`` (rows of a micro-batch consecutive, processes
-    interleaved), for ``j`` < ``accum``. Independent of the process count: the same step is the same blocks."""
+    interleaved), for ``j`` < ``accum``. From shards independent of the process count: the same step is the same
+    blocks (on the fly each process packs its own blocks, which take its places and their indices)."""
 
     blocks_per_step: int
     batch_size: int
@@ -153,13 +207,16 @@ class BatchLayout:
 def onthefly_micro_batches(
     blocks: PackedBlocks, masker: MlmMasker, layout: BatchLayout
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One step of the on-the-fly path: pack the step's blocks (every process packs all of them) and keep this
-    process's ``layout.accum`` micro-batches, each (input_ids (b, L), labels (b, L)) int64 on the CPU."""
-    first, packed = blocks.take(layout.blocks_per_step)
+    """One step of the on-the-fly path: this process packs its own ``layout.accum · layout.batch_size`` blocks and
+    returns its ``layout.accum`` micro-batches, each (input_ids (b, L), labels (b, L)) int64 on the CPU. Micro-batch
+    ``j`` of step ``s`` is masked as the run's blocks ``layout.first_block(s · accum + j)`` … +b, the indices the
+    shard path gives the same place in the global batch: unique in the run, and the packing order for one process."""
+    step = blocks.blocks_emitted // layout.blocks_per_step
+    _, packed = blocks.take(layout.accum * layout.batch_size)  # (accum · b, L)
     micro = []
     for j in range(layout.accum):
-        start = layout.offset(j)
-        inputs, labels = masker(packed[start : start + layout.batch_size], first + start)
+        rows = packed[j * layout.batch_size : (j + 1) * layout.batch_size]
+        inputs, labels = masker(rows, layout.first_block(step * layout.accum + j))
         micro.append((torch.from_numpy(inputs), torch.from_numpy(labels)))
     return micro
 
@@ -216,7 +273,7 @@ class MlmMasker:
 class ShardMicroBatches(Dataset):
     """One process's micro-batches read from a pre-tokenised folder. Item ``k`` is micro-batch ``k mod A`` of step
     ``k // A`` of ``layout``: (input_ids (b, L), labels (b, L)) int64 tensors, masked like any block of that run-wide index. Only
-    its own ``b`` rows are read (one Arrow ``take``), so processes never read each other's data."""
+    its own ``b`` rows are read (``PackedBlockShards.take``), so processes never read each other's data."""
 
     def __init__(self, shards: PackedBlockShards, order: BlockOrder, masker: MlmMasker, layout: BatchLayout) -> None:
         self.shards = shards

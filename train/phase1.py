@@ -9,16 +9,19 @@
   FULL-SENTENCES packing, Liu et al. 2019 §4.2, with fairseq's prepended BOS), so no compute goes to padding. Block
   ``i`` of the run is always the same tokens with the same mask: the masking RNG of a block is seeded by (seed, i).
   Step ``s`` takes the run's blocks ``s·B … (s+1)·B − 1`` (B blocks per step) and micro-batch ``j`` of process ``r``
-  of ``P`` their rows ``(j·P + r)·b … +b``, so what a step sees does not depend on the number of processes.
+  of ``P`` their rows ``(j·P + r)·b … +b``, so from shards what a step sees does not depend on the number of
+  processes.
   Two ways in:
   - ``pretokenized``: a folder built by ``python -m train.pretokenize`` (the way at scale). Run-wide block ``g`` is
     row ``π_e(g mod N)`` of its memory-mapped shards (``train.pretokenize.BlockOrder``: every block once per epoch
     ``e``, in an order seeded by (seed, e)); each process reads only its own rows, in DataLoader workers that prefetch.
     The data position in a checkpoint is the step alone (O(1)), so resuming with another number of processes reads
     exactly the blocks the old run would have read (``global_batch_tokens`` is fixed across a resume).
-  - no ``pretokenized`` (small runs): every process reads and tokenises the whole stream in the loop and keeps its own
-    rows; the checkpoint carries the number of texts read in the current pass (a resume replays them through the
-    filters) and the tokens read but not yet packed (less than one step's).
+  - no ``pretokenized`` (small runs): every process reads and filters the whole stream but tokenises and packs only
+    its share of the texts (text ``i`` goes to process ``i mod P``) and trains on its own blocks, so here, unlike from
+    shards, the batches depend on the number of processes. The checkpoint carries, per process, the number of texts
+    read in the current pass (a resume replays them through the filters) and the tokens read but not yet packed
+    (less than one step's); resuming with another number of processes is refused (ConfigError naming both counts).
 - Objective: BERT's masking (Devlin et al. 2019 §3.1): ``mlm_probability`` of the non-special tokens are predicted; of
   those 80% become ``<mask>``, 10% a random token, 10% stay. ``span_masking`` picks contiguous spans instead, with
   SpanBERT's lengths (Joshi et al. 2020: geometric, p = 0.2, clipped at 10). The loss is the cross-entropy averaged over
@@ -63,7 +66,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from configuration_chroma_moe import ChromaMoeConfig
@@ -302,6 +305,8 @@ class Phase1Trainer(ChromaMoeTrainer):
                 lambda epoch: build_text_stream(sources, seed=cfg.seed + epoch, **stream_options),
                 self.tokenizer,
                 cfg.seq_len,
+                rank=accelerator.process_index,
+                processes=accelerator.num_processes,
                 verbose=accelerator.is_main_process,
             )
             self.blocks.make_stream(0)  # fail now, not after model building, on a missing file or bad spec
@@ -344,7 +349,7 @@ class Phase1Trainer(ChromaMoeTrainer):
         """(JSON-able data position after ``step`` steps, the on-the-fly path's unread tokens or None). From shards the
         position is the step itself; the folder's identity is kept to refuse a resume from other blocks."""
         if self.blocks is not None:
-            return self.blocks.state_dict()
+            return PackedBlocks.run_state(gather_object([self.blocks.state_dict()]))
         manifest = self.shards.manifest
         position = {"pretokenized_blocks": manifest["blocks"], "tokenizer_sha256": manifest["tokenizer_sha256"],
                     "blocks_read": step * self.blocks_per_step}  # fmt: skip
@@ -359,7 +364,7 @@ class Phase1Trainer(ChromaMoeTrainer):
                 f"this run reads {wanted} data: resume with the setting the run started with"
             )
         if self.blocks is not None:
-            self.blocks.load_state_dict(position, np.load(checkpoint / DATA_BUFFER_FILE))
+            self.blocks.load_run_state(position, np.load(checkpoint / DATA_BUFFER_FILE))
             return
         expected, _ = self._data_position(self.start_step)
         if dict(position) != expected:
