@@ -246,7 +246,7 @@ def test_query_pooling_mask_leaves_out_the_instruction(workspace):
     from transformers import PreTrainedTokenizerFast
 
     from sentence_chroma_moe import ChromaMoeSentenceEncoder
-    from train.phase2 import PairCollator
+    from train.phase2 import PairCollator, query_and_positive
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(workspace["tokenizer"])
     model = ChromaMoeForEmbedding(ChromaMoeConfig.from_preset("chroma-moe-tiny"))
@@ -259,8 +259,34 @@ def test_query_pooling_mask_leaves_out_the_instruction(workspace):
     for row, ids, pool, attention in zip(rows, *(batch.queries[k] for k in ("input_ids", "pooling_mask", "attention_mask"))):
         assert pool.sum() < attention.sum()  # the instruction is attended to, not pooled
         pooled = ids[pool.bool() & ~torch.isin(ids, special)]
-        assert tokenizer.decode(pooled).strip() == row["query"]
+        assert tokenizer.decode(pooled).strip() == query_and_positive(row)[0]
     assert torch.equal(batch.positives["pooling_mask"], batch.positives["attention_mask"])  # documents: no instruction
+
+
+def test_parallel_pairs_train_in_both_directions(workspace):
+    """A parallel pair searches from its source or from its translation, by the source's text_id parity (the same in
+    every process, step and resume); other tasks keep (query, positive); pair ids follow the texts."""
+    from transformers import PreTrainedTokenizerFast
+
+    from sentence_chroma_moe import ChromaMoeSentenceEncoder
+    from train.data import format_query
+    from train.phase2 import PairCollator, query_and_positive, text_id
+
+    rows = [{"query": f"Sentence number {i}.", "positive": f"Satz Nummer {i}.", "negatives": [], "task": "bitext"}
+            for i in range(8)]  # fmt: skip
+    rows.append({"query": "Acme revenue?", "positive": "Acme reported revenue.", "negatives": [], "task": "finance_qa"})
+    flipped = [text_id(row["query"]) % 2 == 1 for row in rows[:8]]
+    assert 0 < sum(flipped) < 8, "the example must hold both directions"
+    expected = [(r["positive"], r["query"]) if flip else (r["query"], r["positive"]) for r, flip in zip(rows, flipped)]
+    expected.append(("Acme revenue?", "Acme reported revenue."))
+    assert [query_and_positive(row) for row in rows] == expected
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(workspace["tokenizer"])
+    encoder = ChromaMoeSentenceEncoder(ChromaMoeForEmbedding(ChromaMoeConfig.from_preset("chroma-moe-tiny")), tokenizer)
+    batch = PairCollator(encoder, 64, 64, max_negatives=1)(rows)
+    queries = encoder.preprocess([format_query(q, row["task"])[0] for (q, _), row in zip(expected, rows)], max_length=64)
+    assert torch.equal(batch.queries["input_ids"], queries["input_ids"])
+    assert torch.equal(batch.positives["input_ids"], encoder.preprocess([p for _, p in expected], max_length=64)["input_ids"])
+    assert batch.pair_ids.tolist() == [[text_id(q), text_id(p)] for q, p in expected]
 
 
 def train_crashing_in_step_3(monkeypatch, workspace, output, *overrides):

@@ -14,7 +14,8 @@
   Gurevych 2020 (arXiv:2004.09813): the translation's target is the teacher's embedding of the *source*, so the
   student's similarities among queries, among positives and between the two all target the teacher's similarities
   between sources. Their hard negatives (translations whose source is not in the data) have no target and are left
-  out of both terms (InfoNCE still uses them).
+  out of both terms (InfoNCE still uses them). Phase 2 trains half the parallel pairs from the translation
+  (``train.phase2.query_and_positive``); the targets are the same either way.
 
 Build a cache ahead for a large run (the texts a phase-2 run would ask for, with the same prompts)::
 

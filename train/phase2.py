@@ -53,7 +53,7 @@ from train import common, pair_stream
 from train.common import ConfigError, expand_path
 from train.contrastive import ContrastiveBatch, InfoNCELoss, grad_cache_step
 from train.data import INSTRUCTIONS, build_pair_dataset_from_beir, format_query, load_pair_dataset, split_beir_queries
-from train.distill import ChromaMoeDistillation
+from train.distill import PARALLEL_TASKS, ChromaMoeDistillation
 from train.trainer import SCHEDULE_KEYS, ChromaMoeRunConfig, ChromaMoeStepStats, ChromaMoeTrainer
 
 logger = logging.getLogger(__name__)
@@ -260,6 +260,16 @@ def text_id(text: str) -> int:
     return int.from_bytes(digest, "little", signed=True)
 
 
+def query_and_positive(row: Mapping[str, Any]) -> tuple[str, str]:
+    """The (query, positive) texts a row trains. A parallel pair (`PARALLEL_TASKS`: source sentence, translation)
+    trains in the direction its source's `text_id` parity picks: half the pairs search from the source, half from the
+    translation, as cross-lingual search has queries in every language. Distillation is unaffected: both sides of a
+    parallel pair target the teacher's embedding of the source."""
+    if row["task"] in PARALLEL_TASKS and text_id(row["query"]) % 2:
+        return row["positive"], row["query"]
+    return row["query"], row["positive"]
+
+
 class PairCollator:
     """Rows of (query, positive, negatives, task) -> `ContrastiveBatch`: queries get their task's instruction,
     documents none; at most `max_negatives` hard negatives per query (the first ones); text ids for the loss's
@@ -280,11 +290,12 @@ class PairCollator:
 
     def __call__(self, rows: list[dict[str, Any]]) -> ContrastiveBatch:
         negatives = [text for row in rows for text in row["negatives"][: self.max_negatives]]
+        pairs = [query_and_positive(row) for row in rows]
         return ContrastiveBatch(
-            queries=self.queries([row["query"] for row in rows], [row["task"] for row in rows]),
-            positives=self.documents([row["positive"] for row in rows]),
+            queries=self.queries([query for query, _ in pairs], [row["task"] for row in rows]),
+            positives=self.documents([positive for _, positive in pairs]),
             negatives=self.documents(negatives) if negatives else None,
-            pair_ids=torch.tensor([[text_id(row["query"]), text_id(row["positive"])] for row in rows]),  # (n, 2)
+            pair_ids=torch.tensor([[text_id(query), text_id(positive)] for query, positive in pairs]),  # (n, 2)
             negative_ids=torch.tensor([text_id(text) for text in negatives]) if negatives else None,  # (m,)
         )
 
