@@ -140,6 +140,9 @@ class DenseModel:
         by task name the same way."""
         if role == "query" and query_prompt in self.model.prompts:
             return query_prompt
+        if role == "query" and query_prompt is not None and self.model.prompts:
+            warnings.warn(f"{self.name} has no prompt {query_prompt!r} (its prompts: {sorted(self.model.prompts)}); "
+                          "queries get its 'query' prompt", stacklevel=2)  # fmt: skip
         return role if role in self.model.prompts else None
 
     def encode(self, texts: list[str], role: Role, query_prompt: str | None = None) -> Any:

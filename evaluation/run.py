@@ -89,12 +89,13 @@ class TaskSpec:
 
 def parse_task(spec: str) -> TaskSpec:
     """Split ``KIND:TARGET[@PROMPT]`` (``@PROMPT`` only for beir and esci: what follows the last ``@`` when it holds
-    no path separator); an unknown kind is an error listing the known ones."""
+    no path separator and the whole target is not an existing path); an unknown kind is an error listing the known
+    ones."""
     kind, sep, target = spec.partition(":")
     if not sep or kind not in TASK_KINDS or not target:
         raise ValueError(f"--task {spec}: expected KIND:TARGET with KIND one of {', '.join(TASK_KINDS)}")
     path, at, prompt = target.rpartition("@")
-    if not at or "/" in prompt or kind not in ("beir", "esci"):
+    if not at or "/" in prompt or kind not in ("beir", "esci") or Path(target).exists():
         return TaskSpec(kind, target)
     if not path or not prompt:
         raise ValueError(f"--task {spec}: expected {kind}:DIR@PROMPT with both a folder and a prompt name")

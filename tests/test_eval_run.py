@@ -201,11 +201,15 @@ def test_a_task_prompt_encodes_its_queries_with_the_model_prompt_of_that_name(
             data.qrels, {q: [data.doc_ids[i] for i in r] for q, r in zip(data.query_ids, ranked)}
         )
     assert expected["cable cable "] != expected["red "]  # the prompt changes the ranking: the test can fail
-    results = run.evaluate([str(folder)], [f"beir:{beir_dir}@finance_qa", f"esci:{beir_dir}@no_such_task"])
+    with pytest.warns(UserWarning, match="has no prompt 'no_such_task'"):
+        results = run.evaluate([str(folder)], [f"beir:{beir_dir}@finance_qa", f"esci:{beir_dir}@no_such_task"])
     assert results["tasks"]["beir:shop"][str(folder)] == pytest.approx(expected["cable cable "])
     assert results["notes"]["beir:shop"][str(folder)]["query_prompt"] == "finance_qa"
     assert results["notes"]["esci:shop"][str(folder)]["query_prompt"] == "query"
     assert run.parse_task("beir:runs/a@b/dir") == run.TaskSpec("beir", "runs/a@b/dir")
     assert run.parse_task("sts:file@x.tsv") == run.TaskSpec("sts", "file@x.tsv")
+    versioned = tmp_path / "model@v2"
+    versioned.mkdir()
+    assert run.parse_task(f"beir:{versioned}") == run.TaskSpec("beir", str(versioned))  # an existing path is whole
     with pytest.raises(ValueError, match="expected beir:DIR@PROMPT with both a folder and a prompt name"):
         run.parse_task("beir:dir@")

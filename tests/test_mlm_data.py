@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
@@ -102,6 +101,19 @@ def test_run_state_resumes_each_process_exactly_and_refuses_another_process_coun
                r"depend on the number of processes; resume with 2 \(a run from pre-tokenised data")  # fmt: skip
     with pytest.raises(ConfigError, match=message):
         _blocks(tiny_phase1_config, 0, 1).load_run_state(position, buffer)
+    old_layout, _ = ranks[0].state_dict()  # a checkpoint written before the per-process split: no process count
+    with pytest.raises(ConfigError, match="has no process count: it was written before phase 1 split the texts"):
+        _blocks(tiny_phase1_config, 0, 1).load_run_state(old_layout, buffer)
+
+
+def test_starting_the_shard_loader_leaves_the_global_rng_alone(tmp_path):
+    """Creating the DataLoader iterator draws its workers' base seed from its own generator: a resumed run's restored
+    torch RNG (dropout) is where an uninterrupted run's is."""
+    import torch
+
+    state = torch.random.get_rng_state()
+    iter(mlm_data.shard_loader([0, 1], range(2), num_workers=0))
+    assert torch.equal(torch.random.get_rng_state(), state)
 
 
 def test_a_process_without_texts_names_the_counts(tiny_phase1_config, tmp_path):

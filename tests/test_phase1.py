@@ -379,3 +379,21 @@ with open(out, "w") as handle:
         )
         torch.testing.assert_close(model.model(input_ids=ids, attention_mask=mask).last_hidden_state,
                                    torch.tensor(seen["hidden"]), atol=1e-4, rtol=1e-4)  # fmt: skip
+
+
+def test_upcycling_is_refused_on_every_process_of_a_sharding_engine():
+    """FSDP and ZeRO-3 keep a shard of the weights per process: `shards_parameters` says so from the engine alone (the
+    same answer on every process), so the refusal of `upcycle_at` is raised at start by all of them, never half-way."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    def accelerator(kind, stage=None):
+        plugin = None if stage is None else SimpleNamespace(zero_stage=stage)
+        return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=plugin))
+
+    assert phase1.shards_parameters(accelerator(DistributedType.FSDP))
+    assert phase1.shards_parameters(accelerator(DistributedType.DEEPSPEED, 3))
+    assert not phase1.shards_parameters(accelerator(DistributedType.DEEPSPEED, 2))
+    assert not phase1.shards_parameters(accelerator(DistributedType.MULTI_CPU))
+    assert not phase1.shards_parameters(accelerator(DistributedType.NO))

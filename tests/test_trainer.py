@@ -148,3 +148,21 @@ def test_each_phase_keeps_its_defaults_on_the_shared_base():
 
 if __name__ == "__main__":
     worker(sys.argv[1], sys.argv[2])
+
+
+def test_a_fresh_run_starts_a_new_train_log_and_a_torn_line_is_dropped(workspace, tmp_path, caplog):
+    """`train_log.jsonl` of a fresh run into a folder with an old log holds only the new run's steps; a resume keeps
+    the lines up to its checkpoint and drops a line cut by a crash, with a warning naming it."""
+    import train.phase2 as phase2
+
+    output = tmp_path / "run"
+    output.mkdir()
+    (output / "train_log.jsonl").write_text('{"step": 1, "train/loss": 99.0}\n{"step": 7}\n', encoding="utf-8")
+    phase2.train(tiny_config(workspace, output, "max_steps=2", "checkpoint_every=1", "dev_beir=null"))
+    lines = [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2] and lines[0]["train/loss"] != 99.0
+    with (output / "train_log.jsonl").open("a", encoding="utf-8") as handle:
+        handle.write('{"step": 3, "train/lo')
+    phase2.train(tiny_config(workspace, output, "max_steps=3", "checkpoint_every=1", "dev_beir=null", "resume=auto"))
+    assert [json.loads(line)["step"] for line in (output / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert "train_log.jsonl:3: unreadable log line dropped" in caplog.text

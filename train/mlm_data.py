@@ -165,6 +165,12 @@ class PackedBlocks:
         """Continue from ``run_state``'s checkpoint: this process takes its own rank's position and buffer. ConfigError
         naming both counts if the checkpoint was written by another number of processes (each process's texts, and
         so its blocks, depend on that number)."""
+        if "processes" not in position:
+            raise ConfigError(
+                "the checkpoint's on-the-fly data position has no process count: it was written before phase 1 split "
+                "the texts over processes and cannot be resumed; start a fresh run (or continue from its final/ "
+                "folder)"
+            )
         if position["processes"] != self.processes:
             raise ConfigError(
                 f"the on-the-fly data position was written by {position['processes']} process(es), this run has "
@@ -292,6 +298,10 @@ def shard_loader(
     micro_batches: ShardMicroBatches, items: range, num_workers: int, pin_memory: bool = False
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The micro-batches ``items`` of ``micro_batches`` in order, read and masked by ``num_workers`` DataLoader workers
-    ahead of the step (0: in this process)."""
-    loader = DataLoader(micro_batches, batch_size=None, sampler=items, num_workers=num_workers, pin_memory=pin_memory)
+    ahead of the step (0: in this process). The loader draws its workers' base seed from a generator of its own, so
+    starting it does not move the global torch RNG (dropout's, restored by a resume); the masks use no torch RNG."""
+    loader = DataLoader(
+        micro_batches, batch_size=None, sampler=items, num_workers=num_workers, pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
     return iter(loader)

@@ -6,8 +6,8 @@
 
 - Data: the mixture of ``train.data`` (length filter, exact-repeat dedup) is tokenised and *packed*: texts are
   concatenated, each followed by ``</s>``, and cut into blocks of ``seq_len`` tokens that start with ``<s>`` (RoBERTa's
-  FULL-SENTENCES packing, Liu et al. 2019 §4.2, with fairseq's prepended BOS), so no compute goes to padding. Block
-  ``i`` of the run is always the same tokens with the same mask: the masking RNG of a block is seeded by (seed, i).
+  FULL-SENTENCES packing, Liu et al. 2019 §4.2, with fairseq's prepended BOS), so no compute goes to padding. The
+  masking RNG of block ``i`` of the run is seeded by (seed, i); from shards, block ``i`` is always the same tokens.
   Step ``s`` takes the run's blocks ``s·B … (s+1)·B − 1`` (B blocks per step) and micro-batch ``j`` of process ``r``
   of ``P`` their rows ``(j·P + r)·b … +b``, so from shards what a step sees does not depend on the number of
   processes.
@@ -66,7 +66,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from configuration_chroma_moe import ChromaMoeConfig
@@ -226,6 +226,15 @@ def open_pretokenized(cfg: Phase1Config, tokenizer: PreTrainedTokenizerBase) -> 
     return shards
 
 
+def shards_parameters(accelerator: Accelerator) -> bool:
+    """Whether the engine keeps only a shard of the weights on each process (FSDP, DeepSpeed ZeRO-3): the same answer
+    on every process, so a refusal based on it is raised by all of them."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = accelerator.state.deepspeed_plugin
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and plugin.zero_stage == 3
+
+
 def load_tokenizer(path: str, model_config: ChromaMoeConfig) -> PreTrainedTokenizerBase:
     """The tokenizer folder of config key ``tokenizer``, checked against the model config."""
     folder = Path(expand_path(path))
@@ -323,6 +332,12 @@ class Phase1Trainer(ChromaMoeTrainer):
                 f"cannot resume {self.resume_from} (dense, step {state['step']}): config key 'max_steps'="
                 f"{cfg.max_steps} moves upcycling (upcycle_at={cfg.upcycle_at}) to step {cfg.upcycle_step}, which this "
                 "run has passed"
+            )
+        if not self.upcycled and shards_parameters(accelerator):
+            raise ConfigError(
+                f"config key 'upcycle_at'={cfg.upcycle_at}: upcycling mid-run needs the full dense weights on every "
+                "process (single process, DDP, DeepSpeed ZeRO-0/1/2); under FSDP or ZeRO-3 train the dense model alone "
+                "(model.n_routed_experts=0) and upcycle its folder with python -m train.upcycle"
             )
         set_seed(cfg.seed)
         model_config = self.moe_config if self.upcycled else dense_config_for(self.moe_config)
@@ -475,13 +490,7 @@ class Phase1Trainer(ChromaMoeTrainer):
         measure the largest logit change on ``probe`` (B, T) input ids — zero up to float rounding by construction."""
         acc = self.acc
         acc.wait_for_everyone()
-        dense_state = acc.get_state_dict(self.model)
-        if not dense_state:
-            raise RuntimeError(
-                "upcycling mid-run needs the full dense weights on every process (single process, DDP, DeepSpeed "
-                "ZeRO-0/1/2); under FSDP or ZeRO-3 train the dense model alone (model.n_routed_experts=0) and "
-                "upcycle its folder with python -m train.upcycle"
-            )
+        dense_state = acc.get_state_dict(self.model)  # full on every process: sharding engines are refused at start
         dense = self.unwrapped
         moments = self._adam_moments()
         moe = upcycle_model(dense_state, dense.config, self.moe_config, seed=self.cfg.seed + step).to(acc.device)

@@ -262,8 +262,10 @@ def text_id(text: str) -> int:
 
 def query_and_positive(row: Mapping[str, Any]) -> tuple[str, str]:
     """The (query, positive) texts a row trains. A parallel pair (`PARALLEL_TASKS`: source sentence, translation)
-    trains in the direction its source's `text_id` parity picks: half the pairs search from the source, half from the
-    translation, as cross-lingual search has queries in every language. Distillation is unaffected: both sides of a
+    trains in the direction its source's `text_id` parity picks: the pairs of about half the source sentences (all
+    translations of one source alike) search from the source, the others from the translation, as cross-lingual
+    search has queries in every language. Hard negatives stay documents either way (on a flipped pair, sentences in
+    the query's language that the query must rank below the source). Distillation is unaffected: both sides of a
     parallel pair target the teacher's embedding of the source."""
     if row["task"] in PARALLEL_TASKS and text_id(row["query"]) % 2:
         return row["positive"], row["query"]

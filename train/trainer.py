@@ -157,7 +157,7 @@ class ChromaMoeStepStats:
 class ChromaMoeTrainer(abc.ABC):
     """The Accelerate loop shared by both phases; a phase subclass builds its model and data, then ``train()`` runs.
 
-    The subclass's ``__init__`` calls this one (which finds the checkpoint to resume, before anything is built), then
+    The subclass's ``__init__`` calls this one (which finds the checkpoint to resume, before the model is built), then
     ``prepare`` with its model and ``load_resume``. ``train`` runs ``step`` for each remaining optimizer step, logs
     ``metrics`` every ``log_every`` steps and ``events`` whenever they return figures, checkpoints every
     ``checkpoint_every`` steps and at the end, then saves ``final/`` through ``write_final``.
@@ -328,6 +328,22 @@ class ChromaMoeTrainer(abc.ABC):
         self.acc.wait_for_everyone()
         return final
 
+    def _truncate_log(self, log_file: Path) -> None:
+        """Keep the ``train_log.jsonl`` lines of the steps up to the checkpoint resumed from (none in a fresh run): a
+        rerun rewrites whatever was logged after it. A line cut by a crash mid-write is dropped with a warning."""
+        if not log_file.is_file():
+            return
+        kept = []
+        for number, line in enumerate(log_file.read_text(encoding="utf-8").splitlines(), start=1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                logger.warning(f"{log_file}:{number}: unreadable log line dropped (a write cut short?): {line[:80]!r}")
+                continue
+            if self.resume_from is not None and record["step"] <= self.start_step:
+                kept.append(line)
+        log_file.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
     # ---- the loop ------------------------------------------------------------------------------------------------
 
     def train(self) -> Path:
@@ -338,11 +354,7 @@ class ChromaMoeTrainer(abc.ABC):
             self.output_dir.mkdir(parents=True, exist_ok=True)
             config_json = json.dumps(dataclasses.asdict(cfg), indent=1)
             (self.output_dir / common.RUN_CONFIG_FILE).write_text(config_json, encoding="utf-8")
-            log_file = self.output_dir / TRAIN_LOG
-            if log_file.is_file():  # a resumed run rewrites whatever was logged after its checkpoint
-                lines = log_file.read_text(encoding="utf-8").splitlines()
-                kept = [line for line in lines if json.loads(line)["step"] <= self.start_step]
-                log_file.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            self._truncate_log(self.output_dir / TRAIN_LOG)
         if self.start_step == 0:
             first = self.events(0, None)
             if first:
