@@ -558,6 +558,9 @@ class ChromaMoeModel(ChromaMoePreTrainedModel):
     add up to the full batch's.
     """
 
+    # A folder saved from ChromaMoeForEmbedding also holds its pooling head; the bare encoder leaves it out.
+    _keys_to_ignore_on_load_unexpected = [r"^pooler\."]
+
     def __init__(self, config: ChromaMoeConfig) -> None:
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)

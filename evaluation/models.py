@@ -108,6 +108,7 @@ class DenseModel:
         self.name = name
         self.path = Path(path)
         self.model = SentenceTransformer(str(self.path), trust_remote_code=True)
+        self._warned: set[str] = set()  # task prompts the model lacks, warned about once
 
     def info(self) -> dict[str, Any]:
         """Parameter counts, embedding size, max length, similarity and prompts."""
@@ -140,7 +141,8 @@ class DenseModel:
         by task name the same way."""
         if role == "query" and query_prompt in self.model.prompts:
             return query_prompt
-        if role == "query" and query_prompt is not None and self.model.prompts:
+        if role == "query" and query_prompt is not None and self.model.prompts and query_prompt not in self._warned:
+            self._warned.add(query_prompt)
             warnings.warn(f"{self.name} has no prompt {query_prompt!r} (its prompts: {sorted(self.model.prompts)}); "
                           "queries get its 'query' prompt", stacklevel=2)  # fmt: skip
         return role if role in self.model.prompts else None

@@ -89,6 +89,9 @@ def test_local_errors_name_file_line_and_field(tmp_path):
     assert next(stream)["text"] == "ok" and next(stream)["text"] == "ok too"
     with pytest.raises(ValueError, match=r"m\.jsonl:3: field 'text' is missing"):
         next(stream)
+    null = _write_jsonl(tmp_path / "null.jsonl", [{"text": None}])
+    with pytest.raises(ValueError, match=r"null\.jsonl:1: field 'text' is null, not a string"):
+        next(iter(load_text_dataset(str(null))))
     with pytest.raises(ValueError, match=r"m\.jsonl:3"):  # eager load reports it at once
         load_text_dataset(str(missing), streaming=False)
 

@@ -342,3 +342,16 @@ def test_save_load_through_auto_classes_in_fresh_process(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK ChromaMoeModel ChromaMoeForMaskedLM" in result.stdout
+
+
+def test_the_bare_encoder_loads_an_embedding_folder_without_unexpected_keys(tmp_path: Path) -> None:
+    """`AutoModel` on a folder saved from ChromaMoeForEmbedding (every Hub folder) takes the encoder and leaves the
+    pooling head out quietly: no key reported unexpected or missing, the encoder's weights exact."""
+    torch.manual_seed(0)
+    embedding = ChromaMoeForEmbedding(ChromaMoeConfig.from_preset("chroma-moe-tiny"))
+    embedding.save_pretrained(tmp_path / "embedding")
+    base, info = ChromaMoeModel.from_pretrained(tmp_path / "embedding", output_loading_info=True)
+    assert info["unexpected_keys"] == set() or info["unexpected_keys"] == []
+    assert not info["missing_keys"]
+    for name, tensor in embedding.model.state_dict().items():
+        assert torch.equal(base.state_dict()[name], tensor), name

@@ -166,3 +166,22 @@ def test_a_fresh_run_starts_a_new_train_log_and_a_torn_line_is_dropped(workspace
     phase2.train(tiny_config(workspace, output, "max_steps=3", "checkpoint_every=1", "dev_beir=null", "resume=auto"))
     assert [json.loads(line)["step"] for line in (output / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert "train_log.jsonl:3: unreadable log line dropped" in caplog.text
+
+
+def test_a_resume_with_nothing_left_to_train_is_refused_and_preset_null_clears_the_yaml_preset(workspace, tmp_path):
+    """Resuming a step-2 checkpoint with max_steps=2 (or fewer) is a ConfigError naming the step, not a silent no-op that
+    rewrites final/; `model.preset=null` on the command line lets a YAML with a preset start from `init_from`."""
+    import train.phase2 as phase2
+    from train.common import ConfigError
+
+    output = tmp_path / "run"
+    phase2.train(tiny_config(workspace, output, "max_steps=2", "checkpoint_every=2", "dev_beir=null"))
+    for steps in ("2", "1"):
+        with pytest.raises(ConfigError, match=rf"config key 'max_steps'={steps}: .*checkpoint-00000002 is at step 2: "
+                                              r"nothing left to train; resume with max_steps > 2"):  # fmt: skip
+            phase2.train(tiny_config(workspace, output, f"max_steps={steps}", "warmup_steps=0", "dev_beir=null",
+                                     "resume=auto"))  # fmt: skip
+    with pytest.raises(ConfigError, match="give exactly one"):
+        tiny_config(workspace, tmp_path / "next", f"init_from={output / 'final'}")
+    config = tiny_config(workspace, tmp_path / "next", f"init_from={output / 'final'}", "model.preset=null")
+    assert config.init_from == str(output / "final") and "preset" not in config.model

@@ -230,7 +230,8 @@ def _local_texts(path: str, text_field: str) -> Iterator[dict[str, str]]:
         for line_no, obj in iter_jsonl(file):
             value = obj.get(text_field)
             if not isinstance(value, str):
-                found = "missing" if value is None else f"a {type(value).__name__}, not a string"
+                found = ("missing" if text_field not in obj else "null, not a string" if value is None
+                         else f"a {type(value).__name__}, not a string")  # fmt: skip
                 raise ValueError(f"{file}:{line_no}: field {text_field!r} is {found}")
             yield {"text": value}
     else:

@@ -109,7 +109,9 @@ class ChromaMoeRunConfig:
         unknown = sorted(set(self.model) - MODEL_CONFIG_KEYS - {"preset"})
         if unknown:
             raise common.ConfigError(f"config key 'model': unknown ChromaMoeConfig field(s) {unknown}")
-        if "preset" in self.model:
+        if self.model.get("preset") is None:  # `model.preset=null` on the command line removes a YAML's preset
+            self.model.pop("preset", None)
+        else:
             self.model_config()
 
     @classmethod
@@ -217,6 +219,11 @@ class ChromaMoeTrainer(abc.ABC):
         """Restore the checkpoint ``resolve_resume`` chose (if any) into the prepared objects and RNG states."""
         if self.resume_from is None:
             return
+        if self.resume_state["step"] >= self.cfg.max_steps:
+            self.cfg.refuse(
+                "max_steps", f"{self.resume_from} is at step {self.resume_state['step']}: nothing left to train; "
+                f"resume with max_steps > {self.resume_state['step']}"
+            )  # fmt: skip
         common.load_checkpoint(self.acc, self.resume_from)
         self.start_step = self.resume_state["step"]
         self.last_checkpoint = self.resume_from
