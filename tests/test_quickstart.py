@@ -32,7 +32,7 @@ def reduced_config(path: Path) -> Path:
                             learning_rate=2e-3, min_learning_rate=2e-4)  # fmt: skip
     config["phase2"].update(max_query_length=64, global_batch_size=16, chunk_size=16)
     config["evaluation"]["baselines"] = ["bm25"]
-    config["budget"].update(phase1_steps_per_minute=120, phase2_steps_per_minute=120)
+    config["budget"].update(phase1_share=0.2, phase2_share=0.5, phase1_steps_per_minute=120, phase2_steps_per_minute=120)
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return path
 

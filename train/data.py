@@ -536,23 +536,24 @@ def _esci_pairs(rows: Iterable[dict[str, Any]], source: str, task: str, stats: P
     ``product_title``, ``product_description``, ``product_bullet_point``, ``product_brand``, ``product_color``.
 
     Rows are grouped by ``query_id`` (consecutive in the release; a query that reappears later is an error rather than
-    a silent second record). One record per query: its first Exact product is the positive, Substitutes and
-    Complements are hard negatives (close but not what was asked for), Irrelevant judgments are dropped and counted.
-    Further Exact products are neither positive nor negative: two records of one query in a batch would make each
-    other's positive an in-batch false negative. Queries without any Exact are counted and skipped.
+    a silent second record). One record per query: its first Exact product is the positive, the other judged products
+    are hard negatives, least relevant first (Irrelevant, Complement, Substitute: the ESCI gains 0, 1, 2), so a row's
+    first ``max_negatives_per_query`` are the ones a ranking must push furthest below the Exact ones. Further Exact
+    products are neither positive nor negative: two records of one query in a batch would make each other's positive
+    an in-batch false negative. Queries without any Exact are counted and skipped.
     """
     finished: set[Any] = set()
     current_id: Any = None
     query = ""
     positive: str | None = None
-    negatives: list[str] = []
+    negatives: dict[str, list[str]] = {}
 
     def flush() -> Iterator[PairExample]:
         if positive is None:
             stats.skipped["esci_query_without_exact"] += 1
         else:
             stats.records += 1
-            yield PairExample(query, positive, negatives, task)
+            yield PairExample(query, positive, [text for label in "ICS" for text in negatives.get(label, [])], task)
 
     for index, row in enumerate(rows):
         where = f"{source} row {index}"
@@ -565,22 +566,19 @@ def _esci_pairs(rows: Iterable[dict[str, Any]], source: str, task: str, stats: P
                 raise ValueError(
                     f"{where}: query_id {query_id!r} reappears after its group ended; rows must be grouped by query"
                 )
-            current_id, query, positive, negatives = query_id, _required(row, "query", where), None, []
+            current_id, query, positive, negatives = query_id, _required(row, "query", where), None, {}
         raw_label = _required(row, "esci_label", where)
         label = ESCI_LABELS.get(str(raw_label).strip().lower())
         if label is None:
             raise ValueError(
                 f"{where}: unknown esci_label {raw_label!r} (expected Exact/Substitute/Complement/Irrelevant)"
             )
-        if label == "I":
-            stats.skipped["esci_irrelevant_judgment"] += 1
-        elif label == "E":
-            if positive is None:
-                positive = _esci_product_text(row, where)
-            else:
-                stats.skipped["esci_extra_exact_unused"] += 1
+        if label != "E":
+            negatives.setdefault(label, []).append(_esci_product_text(row, where))
+        elif positive is None:
+            positive = _esci_product_text(row, where)
         else:
-            negatives.append(_esci_product_text(row, where))
+            stats.skipped["esci_extra_exact_unused"] += 1
     if current_id is not None:
         yield from flush()
 
@@ -839,9 +837,10 @@ def build_pair_dataset_from_beir(
 
     The folder is read by ``evaluation.tasks.load_beir`` (validated; only queries with a relevant document; documents
     as ``title + " " + text``, the way mteb and our evaluation feed them to the model). Per query, one record (see
-    ``_esci_pairs`` for why): the positive is the first document with the query's highest grade, documents with a
-    lower positive grade are hard negatives (graded ESCI qrels: Exact positive, Substitute/Complement negatives), and
-    grade-0 documents are dropped.
+    ``_esci_pairs`` for why): the positive is the first document with the query's highest grade, the other judged
+    documents of lower grade are hard negatives, lowest grade first (graded ESCI qrels: Exact positive; Irrelevant,
+    judged 0, then Complement and Substitute), so a row's first ``max_negatives_per_query`` are the ones a ranking must
+    push furthest down.
     """
     _check_task(task, str(beir_dir))
     stats = stats if stats is not None else PairStats()
@@ -852,10 +851,11 @@ def build_pair_dataset_from_beir(
     chosen = {"train": train_ids, "heldout": heldout_ids, "all": beir.query_ids}[split_queries]
     records = []
     for query_id in chosen:
-        judged = {doc_id: grade for doc_id, grade in beir.qrels[query_id].items() if grade > 0}
+        judged = beir.qrels[query_id]
         top = max(judged.values())
         positive_id = next(doc_id for doc_id, grade in judged.items() if grade == top)
-        negatives = [documents[doc_id] for doc_id, grade in judged.items() if grade < top]
+        by_grade = sorted(judged.items(), key=lambda item: item[1])  # stable: file order within a grade
+        negatives = [documents[doc_id] for doc_id, grade in by_grade if grade < top]
         records.append(asdict(PairExample(queries[query_id], documents[positive_id], negatives, task)))
         stats.records += 1
     logger.info("%s (%s queries): %s", beir_dir, split_queries, stats.summary())

@@ -102,7 +102,7 @@ def load_quickstart_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: tokenizer.text={text!r}: expected a non-empty list of {list(TOKENIZER_TEXT)}")
     budget = config["budget"]
     if budget["phase1_share"] + budget["phase2_share"] >= 1:
-        raise ConfigError(f"{path}: budget.phase1_share + budget.phase2_share must leave time for evaluation (< 1)")
+        raise ConfigError(f"{path}: budget.phase1_share + budget.phase2_share must be < 1 (the rest of the budget is for the tokenizer, teacher encoding and export)")
     for name, spec in config["retrieval_sets"].items():
         if (spec.get("task") not in INSTRUCTIONS or spec.get("kind", "beir") not in EVAL_KINDS
                 or not isinstance(spec.get("train", True), bool)):  # fmt: skip
