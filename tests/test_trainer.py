@@ -185,3 +185,20 @@ def test_a_resume_with_nothing_left_to_train_is_refused_and_preset_null_clears_t
         tiny_config(workspace, tmp_path / "next", f"init_from={output / 'final'}")
     config = tiny_config(workspace, tmp_path / "next", f"init_from={output / 'final'}", "model.preset=null")
     assert config.init_from == str(output / "final") and "preset" not in config.model
+
+
+def test_a_checkpoint_save_keeps_only_itself_and_clears_a_killed_runs_temporary_folder(tmp_path):
+    from accelerate import Accelerator
+
+    from train.common import read_trainer_state, save_checkpoint
+
+    root = tmp_path / "checkpoints"
+    leftover = root / ".tmp-checkpoint-00000003"  # what a kill -9 during a save leaves
+    leftover.mkdir(parents=True)
+    (leftover / "model.safetensors").write_bytes(b"half-written")
+    accelerator = Accelerator()
+    save_checkpoint(accelerator, root, 2, {"step": 2})
+    assert sorted(path.name for path in root.iterdir()) == ["checkpoint-00000002"]
+    save_checkpoint(accelerator, root, 4, {"step": 4})
+    assert sorted(path.name for path in root.iterdir()) == ["checkpoint-00000004"]
+    assert read_trainer_state(root / "checkpoint-00000004") == {"step": 4}

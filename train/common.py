@@ -438,7 +438,8 @@ def save_checkpoint(
     Every process writes its part of ``accelerator.save_state`` (model safetensors, optimizer, scheduler, each process's
     RNG states; sharded engines write their shards) into a temporary folder; the main process adds
     ``trainer_state.json`` and the caller's extra files, then renames the folder into place with one ``os.replace``.
-    A crash at any point leaves the previous checkpoint untouched, and a half-written folder is never mistaken for one.
+    A crash at any point leaves the previous checkpoint untouched, and a half-written folder is never mistaken for one;
+    the next save removes the older checkpoints and any temporary folder a killed run left behind.
     """
     root = Path(checkpoints_dir)
     final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
@@ -456,7 +457,7 @@ def save_checkpoint(
             write_extras(tmp)
         os.replace(tmp, final)
         for old in root.iterdir():
-            if old != final and checkpoint_step(old) is not None:
+            if old != final and (checkpoint_step(old) is not None or old.name.startswith(TMP_PREFIX)):
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
