@@ -400,3 +400,14 @@ def test_every_shipped_phase_config_loads():
     loaded |= {path.name: load_config(Phase2Config, path) for path in sorted(configs.glob("phase2_*.yaml"))}
     assert {"phase1_3b.yaml", "phase2_3b.yaml", "phase2_small.yaml", "phase2_tiny.yaml"} <= set(loaded)
     assert loaded["phase2_3b.yaml"].teacher == "BAAI/bge-m3"
+
+
+def test_a_matryoshka_dim_beyond_the_embedding_is_refused_before_training(workspace, tmp_path):
+    from train import phase2
+    from train.common import ConfigError
+
+    output = tmp_path / "run"
+    refusal = r"^config key 'matryoshka_dims'=\[64, 16\]: 64 exceeds the model's embedding size 32$"
+    with pytest.raises(ConfigError, match=refusal):
+        phase2.train(tiny_config(workspace, output, "matryoshka_dims=[64, 16]"))
+    assert not (output / "pairs").exists()  # refused before any data was read

@@ -484,6 +484,9 @@ class Phase2Trainer(ChromaMoeTrainer):
         model, self.tokenizer = build_model(cfg)
         lengths = (cfg.max_query_length, cfg.max_document_length)
         encoder = ChromaMoeSentenceEncoder(model, self.tokenizer, max_seq_length=max(lengths))
+        if cfg.matryoshka_dims and max(cfg.matryoshka_dims) > encoder.get_embedding_dimension():
+            cfg.refuse("matryoshka_dims", f"{max(cfg.matryoshka_dims)} exceeds the model's embedding size "
+                                          f"{encoder.get_embedding_dimension()}")  # fmt: skip
         self.collator = PairCollator(encoder, *lengths, cfg.max_negatives_per_query)
         with accelerator.main_process_first():
             self.pairs = load_training_pairs(cfg, self.output_dir / pair_stream.PAIRS_DIR)
