@@ -131,6 +131,38 @@ def test_grad_cache_replays_dropout():
     assert not torch.allclose(other_seed.loss, cached.loss), "dropout is not active: this test would prove nothing"
 
 
+@pytest.mark.parametrize("chunk_size", [17, 64])
+def test_a_step_that_fits_one_chunk_is_one_pass_with_the_same_gradients(chunk_size):
+    """17 texts (6 queries, 6 positives, 5 negatives) with chunk_size >= 17: one forward per group, no no-graph pass,
+    and the loss, gradients, balance loss and expert counts of GradCache in chunks of 2 (dropout 0), and of the
+    full-batch reference with dropout 0.2 (same seed: the same masks)."""
+    model, loss_fn, batch = make_setup(dropout=0.0)
+    chunked = grad_cache_step(model, loss_fn, batch, chunk_size=2)
+    expected = gradients(model, loss_fn)
+
+    model, loss_fn, batch = make_setup(dropout=0.0)
+    calls = []
+    model.register_forward_hook(lambda module, args, output: calls.append(torch.is_grad_enabled()))
+    single = grad_cache_step(model, loss_fn, batch, chunk_size=chunk_size)
+    assert calls == [True, True, True]
+    assert model.model.aux_loss_weight == 1.0
+    assert torch.allclose(single.loss, chunked.loss, rtol=1e-5)
+    assert torch.allclose(single.aux_loss, chunked.aux_loss, rtol=1e-5)
+    assert single.texts == chunked.texts == 17
+    assert all(torch.equal(a, b) for a, b in zip(single.expert_counts, chunked.expert_counts, strict=True))
+    assert_same_gradients(gradients(model, loss_fn), expected)
+
+    model, loss_fn, batch = make_setup(dropout=0.2)
+    torch.manual_seed(5)
+    single = grad_cache_step(model, loss_fn, batch, chunk_size=chunk_size)
+    actual = gradients(model, loss_fn)
+    model, loss_fn, batch = make_setup(dropout=0.2)
+    torch.manual_seed(5)
+    expected_loss = reference_step(model, loss_fn, batch, chunk_size=None)
+    assert torch.allclose(single.loss, expected_loss, rtol=1e-5)
+    assert_same_gradients(actual, gradients(model, loss_fn))
+
+
 def test_info_nce_value_on_a_known_case():
     """Two orthogonal pairs plus one hard negative equal to query 0: the loss is the mean of -log softmax rows."""
     queries = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])

@@ -15,7 +15,8 @@
   from the cached embedding gradient. ``sentence_transformers``' ``CachedMultipleNegativesRankingLoss`` does the same
   with a fixed scale; its ``RandContext`` (RNG snapshot/replay) is reused here as is. A distillation loss
   (``train.distill``) on the batch's ``TeacherEmbeddings`` is added to the loss of that full-batch step, so its
-  gradients take the same cached-embedding path.
+  gradients take the same cached-embedding path. On one process, a step that fits in one chunk is the plain
+  full-batch pass instead: the no-graph pass would only repeat the forward.
 
 Gradient scaling with several processes: process ``r`` returns ``W / N · Σ_{i ∈ r} ℓ_i`` over its own queries
 (``W`` processes, ``N`` queries in the global batch). The all-gather backward sums every process's gradient into the
@@ -249,17 +250,19 @@ def _chunks(features: Features, size: int) -> list[Features]:
     return [{key: features[key][start : start + size] for key in MODEL_INPUTS} for start in range(0, rows, size)]
 
 
-def _chunk_shares(groups: dict[str, Features]) -> dict[str, float]:
+def _chunk_shares(groups: dict[str, Features]) -> tuple[dict[str, float], int]:
     """Per group, the balance-loss weight of one row: `W / N_group` with `N_group` the group's rows over all `W`
     processes. The full-batch reference takes the mean over the group's N sequences; data-parallel engines then average
-    over processes, hence the factor W (exact even when processes hold different numbers of hard negatives)."""
+    over processes, hence the factor W (exact even when processes hold different numbers of hard negatives). Also the
+    step's texts over all processes."""
     _, world = _world()
     names = ("queries", "positives", "negatives")
     local = [groups[name]["input_ids"].shape[0] if name in groups else 0 for name in names]
     totals = torch.tensor(local, dtype=torch.float64)
     if world > 1:
         dist.all_reduce(totals)
-    return {name: world / float(total) for name, total in zip(names, totals) if name in groups}
+    shares = {name: world / float(total) for name, total in zip(names, totals) if name in groups}
+    return shares, int(totals.sum())
 
 
 def _embed(model: nn.Module, chunk: Features):
@@ -277,7 +280,10 @@ def grad_cache_step(
     distill_fn: Callable[..., dict[str, torch.Tensor]] | None = None,
 ) -> StepOutput:
     """Accumulate into `.grad` the gradients of `loss_fn` on `batch` for `model`'s parameters and the temperature,
-    running the model on at most `chunk_size` texts at a time (GradCache).
+    running the model on at most `chunk_size` texts at a time (GradCache). On one process, when the step's texts
+    number at most `chunk_size`, it is one forward per group with the graph kept and one `backward` of the loss (same
+    gradients, no second forward). Several processes always take the GradCache path: they may hold different numbers
+    of texts, and data-parallel forwards with a graph synchronise, so their forward counts must not depend on that.
 
     The reference is one full-batch forward per group (queries, positives, negatives). The MoE balance loss is a mean
     over the sequences of a forward pass and is attached inside the model (`ChromaMoeAddAuxiliaryLoss`), so during the
@@ -299,7 +305,9 @@ def grad_cache_step(
     no_sync = no_sync or nullcontext
     backbone = _backbone(model)
     groups = dict(batch.groups())
-    share_of = _chunk_shares(groups)
+    share_of, texts = _chunk_shares(groups)
+    if _world()[1] == 1 and texts <= chunk_size:
+        return _single_pass_step(model, loss_fn, batch, groups, share_of, backward, distill_fn)
 
     # 1. Embed every chunk without a graph, remembering the RNG state it started from.
     jobs: list[tuple[str, Features, RandContext, float]] = []
@@ -320,19 +328,9 @@ def grad_cache_step(
 
     # 2. Full-batch loss; gradients w.r.t. the embeddings (leaves) and the temperature.
     leaves = {name: torch.cat(parts).requires_grad_() for name, parts in embeddings.items()}
-    negative_ids = batch.negative_ids if "negatives" in leaves else None
-    loss = loss_fn(leaves["queries"], leaves["positives"], leaves.get("negatives"), batch.pair_ids, negative_ids)
-    terms: dict[str, torch.Tensor] = {}
-    if distill_fn is not None:
-        terms = distill_fn(
-            leaves["queries"], leaves["positives"], leaves.get("negatives"), batch.teacher, loss_fn.log_temperature
-        )
-        loss = loss + sum(terms.values())
+    loss, terms = _full_batch_loss(loss_fn, batch, leaves, distill_fn)
     loss.backward()
-    _, world = _world()
-    if world > 1 and loss_fn.log_temperature.grad is not None:
-        dist.all_reduce(loss_fn.log_temperature.grad)
-        loss_fn.log_temperature.grad /= world
+    _average_temperature_gradient(loss_fn)
     cached = {name: leaf.grad.split([len(e) for e in embeddings[name]]) for name, leaf in leaves.items()}
     position = {name: 0 for name in cached}
 
@@ -349,3 +347,58 @@ def grad_cache_step(
         backbone.aux_loss_weight = 1.0
     texts = sum(len(f["input_ids"]) for f in groups.values())
     return StepOutput(loss.detach(), aux_loss, tuple(counts or ()), texts, {name: t.detach() for name, t in terms.items()})
+
+
+def _full_batch_loss(
+    loss_fn: InfoNCELoss,
+    batch: ContrastiveBatch,
+    embeddings: dict[str, torch.Tensor],
+    distill_fn: Callable[..., dict[str, torch.Tensor]] | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """InfoNCE plus the weighted distillation terms on the whole step's embeddings (each `(rows, D)`)."""
+    negative_ids = batch.negative_ids if "negatives" in embeddings else None
+    queries, positives, negatives = embeddings["queries"], embeddings["positives"], embeddings.get("negatives")
+    loss = loss_fn(queries, positives, negatives, batch.pair_ids, negative_ids)
+    terms: dict[str, torch.Tensor] = {}
+    if distill_fn is not None:
+        terms = distill_fn(queries, positives, negatives, batch.teacher, loss_fn.log_temperature)
+        loss = loss + sum(terms.values())
+    return loss, terms
+
+
+def _average_temperature_gradient(loss_fn: InfoNCELoss) -> None:
+    """The temperature lives outside the data-parallel wrapper: average its gradient over processes here."""
+    _, world = _world()
+    if world > 1 and loss_fn.log_temperature.grad is not None:
+        dist.all_reduce(loss_fn.log_temperature.grad)
+        loss_fn.log_temperature.grad /= world
+
+
+def _single_pass_step(
+    model: nn.Module,
+    loss_fn: InfoNCELoss,
+    batch: ContrastiveBatch,
+    groups: dict[str, Features],
+    share_of: dict[str, float],
+    backward: Callable[[torch.Tensor], None],
+    distill_fn: Callable[..., dict[str, torch.Tensor]] | None,
+) -> StepOutput:
+    """`grad_cache_step` on one process when the step's texts fit in one chunk: one forward per group with its graph
+    kept and one backward of the loss, i.e. the full-batch reference itself (GradCache's no-graph pass would only
+    repeat the forward)."""
+    backbone = _backbone(model)
+    outputs = {}
+    try:
+        for name, features in groups.items():
+            backbone.aux_loss_weight = share_of[name] * features["input_ids"].shape[0]
+            outputs[name] = _embed(model, features)
+        embeddings = {name: output.sentence_embedding.float() for name, output in outputs.items()}
+        loss, terms = _full_batch_loss(loss_fn, batch, embeddings, distill_fn)
+        backward(loss)
+    finally:
+        backbone.aux_loss_weight = 1.0
+    _average_temperature_gradient(loss_fn)
+    aux_loss = sum(output.aux_loss.float().cpu() for output in outputs.values())  # each weighted by its group's share
+    counts = [sum(parts) for parts in zip(*([c.cpu() for c in o.expert_counts] for o in outputs.values()))]
+    texts = sum(len(f["input_ids"]) for f in groups.values())
+    return StepOutput(loss.detach(), aux_loss, tuple(counts), texts, {name: t.detach() for name, t in terms.items()})
