@@ -747,3 +747,39 @@ def test_xling_heldout_targets_are_never_training_positives(tmp_path):
     train_targets = {doc for qid in train for doc, grade in beir.qrels[qid].items() if grade > 0}
     heldout_targets = {doc for qid in heldout for doc, grade in beir.qrels[qid].items() if grade > 0}
     assert heldout and train_targets.isdisjoint(heldout_targets)
+
+
+def test_beir_bm25_negatives_skip_judged_documents_and_stay_on_the_chosen_side(tmp_path):
+    """qa has two judged positives (a1, a2): a2 is never its negative although BM25 ranks it high; b1 (qb's positive,
+    sharing 'revenue 2019') is; c1 shares no term with qa and is never taken. Documents of held-out queries are not
+    in the mining corpus."""
+    root = tmp_path / "beir"
+    (root / "qrels").mkdir(parents=True)
+    texts = {"a1": "revenue 2019 revenue 2019 total table", "a2": "revenue 2019 growth paragraph",
+             "b1": "segment revenue 2019 for the cloud business unit", "c1": "employee headcount at year end"}  # fmt: skip
+    _write_jsonl(root / "corpus.jsonl", [{"_id": d, "title": "", "text": t} for d, t in texts.items()])
+    questions = {"qa": "revenue 2019", "qb": "cloud segment revenue", "qc": "employee headcount"}
+    _write_jsonl(root / "queries.jsonl", [{"_id": q, "text": t} for q, t in questions.items()])
+    qrels = [("qa", "a1", 1), ("qa", "a2", 1), ("qb", "b1", 1), ("qc", "c1", 1)]
+    (root / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{s}\n" for q, d, s in qrels), encoding="utf-8"
+    )
+    rows = {row["query"]: row for row in build_pair_dataset_from_beir(root, "all", task="finance_qa", bm25_negatives=2)}
+    assert rows["revenue 2019"]["positive"] == texts["a1"]
+    assert rows["revenue 2019"]["negatives"] == [texts["b1"]]
+    assert rows["employee headcount"]["negatives"] == []
+    plain = build_pair_dataset_from_beir(root, "all", task="finance_qa")
+    assert all(row["negatives"] == [] for row in plain)
+
+    tatqa = data.shared_data_dir() / "retrieval" / "tatqa_finance_dev"
+    if not tatqa.is_dir():
+        pytest.skip(f"shared data not found at {tatqa} (set CHROMA_SHARED_DATA)")
+    beir = load_beir(tatqa)
+    documents = dict(zip(beir.doc_ids, beir.doc_texts))
+    train_side, heldout = split_beir_queries(beir, 0.8, 0)
+    train_documents = {documents[doc] for query in train_side for doc in beir.qrels[query]}
+    heldout_only = {documents[doc] for query in heldout for doc in beir.qrels[query]} - train_documents
+    train = build_pair_dataset_from_beir(tatqa, "train", task="finance_qa", bm25_negatives=1)
+    mined = {text for row in train for text in row["negatives"]}
+    assert sum(len(row["negatives"]) for row in train) > 0.6 * len(train)
+    assert mined <= train_documents and len(heldout_only) > 100 and heldout_only.isdisjoint(mined)

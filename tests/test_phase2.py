@@ -388,6 +388,10 @@ def test_config_errors_name_the_key(workspace, tmp_path):
         tiny_config(workspace, tmp_path, f"train_sources=[{{path: a.jsonl, beir: b, task: finance_qa}}]")
     with pytest.raises(ConfigError, match=r"train_sources\[0\].task"):
         tiny_config(workspace, tmp_path, "train_sources=[{path: a.jsonl, task: cooking}]")
+    with pytest.raises(ConfigError, match=r"'train_sources\[0\].bm25_negatives': only a 'beir' source is mined"):
+        tiny_config(workspace, tmp_path, "train_sources=[{path: a.jsonl, task: finance_qa, bm25_negatives: 2}]")
+    with pytest.raises(ConfigError, match=r"'train_sources\[0\].bm25_negatives'=-1: must be a non-negative integer"):
+        tiny_config(workspace, tmp_path, "train_sources=[{beir: b, task: finance_qa, bm25_negatives: -1}]")
     with pytest.raises(ConfigError, match="init_from"):
         tiny_config(workspace, tmp_path, f"init_from={tmp_path}")
     with pytest.raises(ConfigError, match="temperature"):

@@ -832,6 +832,7 @@ def build_pair_dataset_from_beir(
     train_fraction: float = 0.8,
     seed: int = 0,
     stats: PairStats | None = None,
+    bm25_negatives: int = 0,
 ) -> datasets.Dataset:
     """Pairs from a BEIR folder's judged queries, restricted to one side of ``split_query_ids`` (``"all"``: no split).
 
@@ -841,6 +842,12 @@ def build_pair_dataset_from_beir(
     documents of lower grade are hard negatives, lowest grade first (graded ESCI qrels: Exact positive; Irrelevant,
     judged 0, then Complement and Substitute), so a row's first ``max_negatives_per_query`` are the ones a ranking must
     push furthest down.
+
+    ``bm25_negatives`` > 0 appends up to that many BM25-mined negatives per record (after the judged ones), drawn only
+    from the documents of highest grade of the *chosen* side's queries, so the other side's documents are never read
+    (`train.mine_negatives`: positive-aware margin 0.95, no top ranks skipped, any document judged for the query
+    excluded). Binary qrels such as TAT-QA's have no judged negatives; these are the other tables and paragraphs a
+    question's words also match (Karpukhin et al. 2020, DPR: one BM25 negative per question).
     """
     _check_task(task, str(beir_dir))
     stats = stats if stats is not None else PairStats()
@@ -849,7 +856,7 @@ def build_pair_dataset_from_beir(
     queries = dict(zip(beir.query_ids, beir.query_texts))
     train_ids, heldout_ids = split_beir_queries(beir, train_fraction, seed)
     chosen = {"train": train_ids, "heldout": heldout_ids, "all": beir.query_ids}[split_queries]
-    records = []
+    records, judged_texts, tops = [], [], {}
     for query_id in chosen:
         judged = beir.qrels[query_id]
         top = max(judged.values())
@@ -857,8 +864,16 @@ def build_pair_dataset_from_beir(
         by_grade = sorted(judged.items(), key=lambda item: item[1])  # stable: file order within a grade
         negatives = [documents[doc_id] for doc_id, grade in by_grade if grade < top]
         records.append(asdict(PairExample(queries[query_id], documents[positive_id], negatives, task)))
+        judged_texts.append({documents[doc_id] for doc_id in judged})
+        tops.update((doc_id, None) for doc_id, grade in judged.items() if grade == top)
         stats.records += 1
     logger.info("%s (%s queries): %s", beir_dir, split_queries, stats.summary())
+    if bm25_negatives > 0:
+        from train.mine_negatives import MiningConfig, mine  # mine_negatives imports this module
+
+        config = MiningConfig(skip_top=0, num_negatives=bm25_negatives)
+        records, counts = mine(records, [documents[doc_id] for doc_id in tops], config, judged=judged_texts)
+        logger.info("%s: BM25 negatives: %s", beir_dir, dict(counts))
     return datasets.Dataset.from_list(records, features=PAIR_FEATURES)
 
 

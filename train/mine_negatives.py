@@ -118,8 +118,10 @@ def mine_row(
     index: dict[str, int],
     cfg: MiningConfig,
     counts: Counter,
+    judged: frozenset[str] = frozenset(),
 ) -> list[str]:
-    """Negatives mined for one pair row from its score vector (``scores``: (n_docs,)); updates ``counts``."""
+    """Negatives mined for one pair row from its score vector (``scores``: (n_docs,)); updates ``counts``. ``judged``:
+    keys (``_key``) of documents judged for the query, never taken (another positive is no negative)."""
     positive_key, query_key = _key(row["positive"]), _key(row["query"])
     positive_score = float(scores[index[positive_key]])
     if positive_score <= 0:
@@ -132,6 +134,9 @@ def mine_row(
         score, key = float(scores[doc]), _key(corpus[doc])
         if key in (positive_key, query_key):
             counts["candidate_is_positive_or_query"] += 1
+            continue
+        if key in judged and key not in known:
+            counts["candidate_is_judged"] += 1
             continue
         rank += 1
         if rank <= cfg.skip_top:
@@ -152,17 +157,25 @@ def mine_row(
 
 
 def mine(
-    rows: list[dict[str, Any]], corpus: list[str], cfg: MiningConfig, *, model_dir: str | None = None
+    rows: list[dict[str, Any]],
+    corpus: list[str],
+    cfg: MiningConfig,
+    *,
+    model_dir: str | None = None,
+    judged: Sequence[set[str]] | None = None,
 ) -> tuple[list[dict[str, Any]], Counter]:
     """Return the rows with mined negatives appended, and the counters of what was dropped and why.
-    With ``model_dir`` each row needs a ``task`` (see ``read_pair_rows``)."""
+    With ``model_dir`` each row needs a ``task`` (see ``read_pair_rows``). ``judged[i]``: texts of the documents judged
+    for row i's query, which are never mined (graded qrels: its other positives)."""
     index = {_key(text): position for position, text in enumerate(corpus)}
     scorer = BM25Scorer(corpus) if model_dir is None else DenseScorer(corpus, model_dir)
     counts: Counter = Counter(queries=len(rows), corpus_documents=len(corpus))
     scores = scorer.score([row["query"] for row in rows], [row.get("task") for row in rows])
+    keys = [frozenset(_key(text) for text in texts) for texts in judged] if judged is not None else None
     out = []
-    for row, row_scores in tqdm(zip(rows, scores), total=len(rows), desc="mining", unit="query"):
-        out.append({**row, "negatives": list(row["negatives"]) + mine_row(row, row_scores, corpus, index, cfg, counts)})
+    for i, (row, row_scores) in enumerate(tqdm(zip(rows, scores), total=len(rows), desc="mining", unit="query")):
+        exclude = keys[i] if keys is not None else frozenset()
+        out.append({**row, "negatives": list(row["negatives"]) + mine_row(row, row_scores, corpus, index, cfg, counts, exclude)})
     return out, counts
 
 

@@ -59,7 +59,7 @@ from train.trainer import SCHEDULE_KEYS, ChromaMoeRunConfig, ChromaMoeStepStats,
 logger = logging.getLogger(__name__)
 
 PREPARE_ROWS = 50_000  # pairs read per teacher-cache pass in `build_distillation`
-SOURCE_KEYS = frozenset({"path", "beir", "task", "max_pairs"})
+SOURCE_KEYS = frozenset({"path", "beir", "task", "max_pairs", "bm25_negatives"})
 # Keys whose change would make a resumed run a different run (data, model, batch, loss): resuming with them changed is refused.
 RESUME_FIXED_KEYS = ("train_sources", "init_from", "model", "seed", "max_query_length", "max_document_length",
                      "max_negatives_per_query", "split_fraction", "split_seed", "global_batch_size", "symmetric_loss",
@@ -80,10 +80,12 @@ class Phase2Config(ChromaMoeRunConfig):
             it holds only `ChromaMoeConfig` overrides: dropout, balance-loss coefficient, ...).
         tokenizer: Tokenizer folder; defaults to `init_from`.
         train_sources: A list of `{path: PAIRS.jsonl | HUB_ID[:CONFIG[:SPLIT]], task, max_pairs}` (read by
-            `train.data.load_pair_dataset`) or `{beir: BEIR_DIR, task, max_pairs}` (pairs of the folder's queries on the
-            *train* side of `train.data.split_beir_queries(split_fraction, split_seed)`; `dev_beir` evaluates the held-out
-            side of the same split, so no dev query is trained on). `task` picks the instruction
-            (`train.data.INSTRUCTIONS`); `max_pairs` keeps a seeded random subset. `$CHROMA_SHARED_DATA` expands.
+            `train.data.load_pair_dataset`) or `{beir: BEIR_DIR, task, max_pairs, bm25_negatives}` (pairs of the
+            folder's queries on the *train* side of `train.data.split_beir_queries(split_fraction, split_seed)`;
+            `dev_beir` evaluates the held-out side of the same split, so no dev query is trained on; `bm25_negatives`:
+            BM25-mined negatives per query from the train side's documents, see
+            `train.data.build_pair_dataset_from_beir`). `task` picks the instruction (`train.data.INSTRUCTIONS`);
+            `max_pairs` keeps a seeded random subset. `$CHROMA_SHARED_DATA` expands.
         max_query_length, max_document_length: Token limits (a query's includes its instruction).
         max_negatives_per_query: Hard negatives used per query (the first ones: miners list them best first).
         split_fraction, split_seed: The query split of BEIR folders (train side for training, held-out side for dev).
@@ -111,7 +113,8 @@ class Phase2Config(ChromaMoeRunConfig):
             batch from one source, source k drawn with probability ∝ n_k^`source_alpha` for its n_k pairs; every source
             needs at least `global_batch_size` pairs); see `train.pair_stream`.
         source_alpha: The exponent α of `per_source` sampling (1: proportional to size, 0: uniform over sources).
-        chunk_size: Texts per forward pass inside GradCache (bounds activation memory, not the batch).
+        chunk_size: Texts per forward pass inside GradCache (bounds activation memory, not the batch). On one process,
+            a step of at most `chunk_size` texts runs as one plain full-batch pass (no second forward).
         st_query_task: The instruction of the final folder's default `query` prompt.
     """
 
@@ -200,7 +203,7 @@ class Phase2Config(ChromaMoeRunConfig):
 
 def _check_source(index: int, source: Any) -> None:
     where = f"train_sources[{index}]"
-    common.check_entry(where, source, SOURCE_KEYS, "path or beir, task, max_pairs")
+    common.check_entry(where, source, SOURCE_KEYS, "path or beir, task, max_pairs, bm25_negatives")
     if ("path" in source) == ("beir" in source):
         raise ConfigError(f"config key {where!r}: give exactly one of 'path' (pair file or Hub id) and 'beir' (BEIR folder)")
     if source.get("task") not in INSTRUCTIONS:
@@ -208,6 +211,11 @@ def _check_source(index: int, source: Any) -> None:
     max_pairs = source.get("max_pairs")
     if max_pairs is not None and (isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs <= 0):
         raise ConfigError(f"config key '{where}.max_pairs'={max_pairs!r}: must be a positive integer or absent")
+    mined = source.get("bm25_negatives", 0)
+    if isinstance(mined, bool) or not isinstance(mined, int) or mined < 0:
+        raise ConfigError(f"config key '{where}.bm25_negatives'={mined!r}: must be a non-negative integer or absent")
+    if mined and "beir" not in source:
+        raise ConfigError(f"config key '{where}.bm25_negatives': only a 'beir' source is mined (a pair file: python -m train.mine_negatives)")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -229,7 +237,7 @@ def load_training_pairs(config: Phase2Config, directory: Path) -> pair_stream.Ch
             location = expand_path(entry["beir"])
             rows = functools.partial(
                 build_pair_dataset_from_beir, location, "train", task=entry["task"],
-                train_fraction=config.split_fraction, seed=config.split_seed,
+                train_fraction=config.split_fraction, seed=config.split_seed, bm25_negatives=entry.get("bm25_negatives", 0),
             )  # fmt: skip
             fingerprint = {"entry": dict(entry), "split": [config.split_fraction, config.split_seed],
                            "files": pair_stream.path_fingerprint(location)}  # fmt: skip
