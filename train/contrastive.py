@@ -250,19 +250,17 @@ def _chunks(features: Features, size: int) -> list[Features]:
     return [{key: features[key][start : start + size] for key in MODEL_INPUTS} for start in range(0, rows, size)]
 
 
-def _chunk_shares(groups: dict[str, Features]) -> tuple[dict[str, float], int]:
+def _chunk_shares(groups: dict[str, Features]) -> dict[str, float]:
     """Per group, the balance-loss weight of one row: `W / N_group` with `N_group` the group's rows over all `W`
     processes. The full-batch reference takes the mean over the group's N sequences; data-parallel engines then average
-    over processes, hence the factor W (exact even when processes hold different numbers of hard negatives). Also the
-    step's texts over all processes."""
+    over processes, hence the factor W (exact even when processes hold different numbers of hard negatives)."""
     _, world = _world()
     names = ("queries", "positives", "negatives")
     local = [groups[name]["input_ids"].shape[0] if name in groups else 0 for name in names]
     totals = torch.tensor(local, dtype=torch.float64)
     if world > 1:
         dist.all_reduce(totals)
-    shares = {name: world / float(total) for name, total in zip(names, totals) if name in groups}
-    return shares, int(totals.sum())
+    return {name: world / float(total) for name, total in zip(names, totals) if name in groups}
 
 
 def _embed(model: nn.Module, chunk: Features):
@@ -305,9 +303,10 @@ def grad_cache_step(
     no_sync = no_sync or nullcontext
     backbone = _backbone(model)
     groups = dict(batch.groups())
-    share_of, texts = _chunk_shares(groups)
+    share_of = _chunk_shares(groups)
+    texts = sum(len(f["input_ids"]) for f in groups.values())
     if _world()[1] == 1 and texts <= chunk_size:
-        return _single_pass_step(model, loss_fn, batch, groups, share_of, backward, distill_fn)
+        return _single_pass_step(model, loss_fn, batch, groups, share_of, texts, backward, distill_fn)
 
     # 1. Embed every chunk without a graph, remembering the RNG state it started from.
     jobs: list[tuple[str, Features, RandContext, float]] = []
@@ -345,7 +344,6 @@ def grad_cache_step(
                 backward((embedding.float() * grad).sum())
     finally:
         backbone.aux_loss_weight = 1.0
-    texts = sum(len(f["input_ids"]) for f in groups.values())
     return StepOutput(loss.detach(), aux_loss, tuple(counts or ()), texts, {name: t.detach() for name, t in terms.items()})
 
 
@@ -380,6 +378,7 @@ def _single_pass_step(
     batch: ContrastiveBatch,
     groups: dict[str, Features],
     share_of: dict[str, float],
+    texts: int,
     backward: Callable[[torch.Tensor], None],
     distill_fn: Callable[..., dict[str, torch.Tensor]] | None,
 ) -> StepOutput:
@@ -400,5 +399,4 @@ def _single_pass_step(
     _average_temperature_gradient(loss_fn)
     aux_loss = sum(output.aux_loss.float().cpu() for output in outputs.values())  # each weighted by its group's share
     counts = [sum(parts) for parts in zip(*([c.cpu() for c in o.expert_counts] for o in outputs.values()))]
-    texts = sum(len(f["input_ids"]) for f in groups.values())
     return StepOutput(loss.detach(), aux_loss, tuple(counts), texts, {name: t.detach() for name, t in terms.items()})

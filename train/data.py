@@ -865,14 +865,14 @@ def build_pair_dataset_from_beir(
         negatives = [documents[doc_id] for doc_id, grade in by_grade if grade < top]
         records.append(asdict(PairExample(queries[query_id], documents[positive_id], negatives, task)))
         judged_texts.append({documents[doc_id] for doc_id in judged})
-        tops.update((doc_id, None) for doc_id, grade in judged.items() if grade == top)
+        tops.update((documents[doc_id], None) for doc_id, grade in judged.items() if grade == top)  # texts, deduplicated
         stats.records += 1
     logger.info("%s (%s queries): %s", beir_dir, split_queries, stats.summary())
     if bm25_negatives > 0:
         from train.mine_negatives import MiningConfig, mine  # mine_negatives imports this module
 
         config = MiningConfig(skip_top=0, num_negatives=bm25_negatives)
-        records, counts = mine(records, [documents[doc_id] for doc_id in tops], config, judged=judged_texts)
+        records, counts = mine(records, list(tops), config, judged=judged_texts)
         logger.info("%s: BM25 negatives: %s", beir_dir, dict(counts))
     return datasets.Dataset.from_list(records, features=PAIR_FEATURES)
 
