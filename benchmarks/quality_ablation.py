@@ -8,7 +8,11 @@ the same data, each adding one ingredient to the row above it:
 2. ``+ multilingual tokenizer``: the tokenizer reads every kind of text the model embeds (pairs, STS train sentences,
    retrieval corpora) with languages resampled to n^0.3 shares, at the quickstart's vocabulary size;
 3. ``+ distillation``: phase 2 also distils all-MiniLM-L6-v2 (similarity matching + KL score distillation);
-4. ``+ per-source batches``: every global batch from one source (sources ∝ size^0.5): the quickstart's default recipe.
+4. ``+ per-source batches``: every global batch from one source (sources ∝ size^``phase2.source_alpha``);
+5. ``+ BM25-mined negatives``: the retrieval sets' ``bm25_negatives`` as the quickstart config sets them (TAT-QA: one
+   BM25-mined negative per training query): the quickstart's recipe.
+
+Every row is evaluated at the quickstart's ``evaluation.serving_length``.
 
 Only our model is evaluated in each run (the baselines do not change between rows; the quickstart's own run reports
 them beside ours). Run on an idle machine; the load average is printed before and after:
@@ -36,10 +40,12 @@ from train.quickstart import DEFAULT_CONFIG
 
 
 def ablation_configs(base: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The four cumulative recipes (see the module docstring), derived from the quickstart config ``base``."""
+    """The five cumulative recipes (see the module docstring), derived from the quickstart config ``base``."""
     recipe = copy.deepcopy(base)
     recipe["evaluation"].update(baselines=[], untrained=False, hybrid=False)
     recipe["phase2"].update(teacher=None, batch_sampling="mixed")
+    for spec in recipe["retrieval_sets"].values():
+        spec.pop("bm25_negatives", None)
     today = copy.deepcopy(recipe)
     today["tokenizer"].update(text=["raw"], language_alpha=1.0, vocab_size=32000)
     multilingual = copy.deepcopy(recipe)
@@ -47,11 +53,14 @@ def ablation_configs(base: dict[str, Any]) -> dict[str, dict[str, Any]]:
     distilled["phase2"]["teacher"] = base["phase2"]["teacher"]
     per_source = copy.deepcopy(distilled)
     per_source["phase2"]["batch_sampling"] = "per_source"
+    mined = copy.deepcopy(per_source)
+    mined["retrieval_sets"] = copy.deepcopy(base["retrieval_sets"])
     return {
         "today": today,
         "+ multilingual tokenizer": multilingual,
         "+ distillation": distilled,
         "+ per-source batches": per_source,
+        "+ BM25-mined negatives": mined,
     }
 
 

@@ -13,11 +13,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from train import quickstart
+from train.common import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = REPO_ROOT / "data" / "sample"
@@ -88,6 +90,13 @@ def test_every_artefact_exists(run: tuple[Path, subprocess.CompletedProcess]) ->
     assert sorted(source["task"] for source in phase2["train_sources"]) == ["finance_qa", "product_search"]
     log = [json.loads(line) for line in (output / "phase2" / "train_log.jsonl").read_text(encoding="utf-8").splitlines()]
     assert max(record["step"] for record in log) == 60
+    # Trained and untrained models are evaluated at the length the Hub folder serves, not at the training length.
+    serving = yaml.safe_load(quickstart.DEFAULT_CONFIG.read_text(encoding="utf-8"))["evaluation"]["serving_length"]
+    models = json.loads((output / "eval" / "results.json").read_text(encoding="utf-8"))["models"]
+    assert serving > max(phase2["max_query_length"], phase2["max_document_length"])
+    assert models[str(output / "phase2" / "final")]["max_seq_length"] == serving
+    assert models[str(output / "untrained")]["max_seq_length"] == serving
+    assert json.loads((output / "hub" / "sentence_bert_config.json").read_text(encoding="utf-8"))["max_seq_length"] == serving
     # The closing summary names the artefacts and prints the results table.
     assert "quickstart finished" in done.stdout and str(output / "hub") in done.stdout
     assert "| beir:dev | chroma-moe-tiny, quickstart |" in done.stdout
@@ -223,3 +232,55 @@ def test_held_out_sets_are_evaluated_with_their_instruction_task(tmp_path: Path)
         f"esci:{heldout / 'esci_us_dev'}@product_search",
         f"beir:{heldout / 'tatqa_finance_dev'}@finance_qa",
     ]
+
+
+def test_retrieval_sets_give_phase2_its_beir_sources_and_bad_entries_are_named(tmp_path: Path) -> None:
+    """Each trained retrieval set becomes a ``beir`` source with its task and its ``bm25_negatives`` (only where set);
+    an evaluation-only set is no source; a misspelt key or a bad value is an error naming the set."""
+    config = yaml.safe_load(quickstart.DEFAULT_CONFIG.read_text(encoding="utf-8"))
+    config["retrieval_sets"]["tatqa_finance_dev"]["bm25_negatives"] = 2
+    shared = tmp_path / "shared"
+    (shared / "raw").mkdir(parents=True)
+    (shared / "raw" / "text.jsonl").write_text('{"text": "some finance text"}\n', encoding="utf-8")
+    for name in ("tatqa_finance_dev", "esci_us_dev", "stsb_xling_to_en_dev"):
+        for part in ("corpus.jsonl", "queries.jsonl"):
+            (shared / "retrieval" / name).mkdir(parents=True, exist_ok=True)
+            (shared / "retrieval" / name / part).write_text("{}\n", encoding="utf-8")
+    sources = quickstart.phase2_sources(config, quickstart.find_data(shared), tmp_path / "work")
+    cap = config["max_pairs_per_source"]
+    assert sources == [
+        {"beir": str(shared / "retrieval" / "esci_us_dev"), "task": "product_search", "max_pairs": cap},
+        {"beir": str(shared / "retrieval" / "tatqa_finance_dev"), "task": "finance_qa", "max_pairs": cap,
+         "bm25_negatives": 2},
+    ]  # fmt: skip
+    path = tmp_path / "quickstart.yaml"
+    for spec, field in (({"task": "finance_qa", "trian": False}, "trian"), ({"task": "finance_qa", "bm25_negatives": -1}, "-1")):
+        config["retrieval_sets"]["tatqa_finance_dev"] = spec
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        with pytest.raises(ConfigError, match=rf"retrieval_sets\.tatqa_finance_dev=.*{field}.*bm25_negatives an integer >= 0"):
+            quickstart.load_quickstart_config(path)
+
+
+def test_the_ablation_adds_one_ingredient_per_row_and_ends_at_the_quickstart_recipe() -> None:
+    """benchmarks/quality_ablation.py: each row changes exactly the settings of its ingredient from the row above, and
+    the last row trains as the quickstart does (only the evaluation's extra rows are off)."""
+    from benchmarks.quality_ablation import ablation_configs
+
+    def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(tree, dict):
+            return {prefix: tree}
+        return {key: value for name, sub in tree.items() for key, value in flat(sub, f"{prefix}{name}.").items()}
+
+    base = yaml.safe_load(quickstart.DEFAULT_CONFIG.read_text(encoding="utf-8"))
+    rows = [flat(config) for config in ablation_configs(base).values()]
+    changed = [{key for key in rows[i].keys() | rows[i + 1].keys() if rows[i].get(key) != rows[i + 1].get(key)}
+               for i in range(len(rows) - 1)]  # fmt: skip
+    assert changed == [
+        {"tokenizer.text.", "tokenizer.language_alpha.", "tokenizer.vocab_size."},
+        {"phase2.teacher."},
+        {"phase2.batch_sampling."},
+        {"retrieval_sets.tatqa_finance_dev.bm25_negatives."},
+    ]
+    quickstart_recipe = flat(base)
+    assert {key for key in quickstart_recipe.keys() | rows[-1].keys() if quickstart_recipe.get(key) != rows[-1].get(key)} == {
+        "evaluation.baselines.", "evaluation.untrained.", "evaluation.hybrid."}  # fmt: skip

@@ -12,8 +12,10 @@ Stages, each through the code its own command runs (no second implementation):
    from phase 1's model, the function behind ``accelerate launch train/phase2.py``;
 4. evaluation: ``evaluation.run.main`` on the data folder's dev sets (and a fixed per-language sample of its STS dev
    file), for the trained model, the same architecture at its random initialisation, the ``bm25`` / ``minilm``
-   baselines and ``bm25+`` the trained model (reciprocal-rank fusion);
-5. export: ``train.export.export`` writes the Hub folder, with the evaluation table in its model card.
+   baselines and ``bm25+`` the trained model (reciprocal-rank fusion); the trained and untrained folders truncate at
+   ``evaluation.serving_length`` tokens, the length the Hub folder serves at, so the table measures what a user gets;
+5. export: ``train.export.export`` writes the Hub folder (``max_seq_length`` = ``evaluation.serving_length``), with the
+   evaluation table in its model card.
 
 The phase configs are ``phase1`` / ``phase2`` of ``train/configs/quickstart.yaml`` with the run-dependent keys filled
 in; they are written to ``<output>/configs/`` so any phase can be re-run alone (or on a GPU cluster) with
@@ -56,12 +58,13 @@ logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "train" / "configs" / "quickstart.yaml"
+RETRIEVAL_SET_KEYS = frozenset({"task", "kind", "train", "bm25_negatives"})
 DEFAULT_DATA_DIR = REPO_ROOT / "data" / "sample"
 CONFIG_KEYS = ("tokenizer", "phase1", "phase2", "default_pair_task", "pair_tasks", "max_pairs_per_source",
                "retrieval_sets", "evaluation", "budget")  # fmt: skip
 TOKENIZER_KEYS = ("vocab_size", "language_alpha", "text")
 TOKENIZER_TEXT = ("raw", "pairs", "sts", "corpora")
-EVALUATION_KEYS = ("baselines", "untrained", "hybrid", "sts_pairs_per_language")
+EVALUATION_KEYS = ("baselines", "untrained", "hybrid", "sts_pairs_per_language", "serving_length")
 BUDGET_KEYS = ("default_minutes", "phase1_share", "phase2_share", "phase1_steps_per_minute",
                "phase2_steps_per_minute", "warmup_fraction", "min_steps")  # fmt: skip
 EVAL_KINDS = ("beir", "esci")
@@ -100,14 +103,20 @@ def load_quickstart_config(path: str | Path) -> dict[str, Any]:
     text = config["tokenizer"]["text"]
     if not isinstance(text, list) or not text or not set(text) <= set(TOKENIZER_TEXT):
         raise ConfigError(f"{path}: tokenizer.text={text!r}: expected a non-empty list of {list(TOKENIZER_TEXT)}")
+    serving = config["evaluation"]["serving_length"]
+    if isinstance(serving, bool) or not isinstance(serving, int) or serving <= 0:
+        raise ConfigError(f"{path}: evaluation.serving_length={serving!r}: expected a positive number of tokens")
     budget = config["budget"]
     if budget["phase1_share"] + budget["phase2_share"] >= 1:
         raise ConfigError(f"{path}: budget.phase1_share + budget.phase2_share must be < 1 (the rest of the budget is for the tokenizer, teacher encoding and export)")
     for name, spec in config["retrieval_sets"].items():
-        if (spec.get("task") not in INSTRUCTIONS or spec.get("kind", "beir") not in EVAL_KINDS
-                or not isinstance(spec.get("train", True), bool)):  # fmt: skip
-            raise ConfigError(f"{path}: retrieval_sets.{name}={spec!r}: task must be one of {sorted(INSTRUCTIONS)}, "
-                              f"kind one of {EVAL_KINDS}, train true or false")  # fmt: skip
+        mined = spec.get("bm25_negatives", 0) if isinstance(spec, dict) else None
+        if (not isinstance(spec, dict) or not set(spec) <= RETRIEVAL_SET_KEYS or spec.get("task") not in INSTRUCTIONS
+                or spec.get("kind", "beir") not in EVAL_KINDS or not isinstance(spec.get("train", True), bool)
+                or isinstance(mined, bool) or not isinstance(mined, int) or mined < 0):  # fmt: skip
+            raise ConfigError(f"{path}: retrieval_sets.{name}={spec!r}: keys {sorted(RETRIEVAL_SET_KEYS)}; task one of "
+                              f"{sorted(INSTRUCTIONS)}, kind one of {EVAL_KINDS}, train true or false, bm25_negatives "
+                              "an integer >= 0")  # fmt: skip
     return config
 
 
@@ -203,12 +212,13 @@ def pair_sources(pair_files: list[Path], config: Mapping[str, Any], work_dir: Pa
 
 
 def retrieval_spec(config: Mapping[str, Any], folder: Path) -> dict[str, Any]:
-    """The task, evaluation kind and ``train`` flag of a ``retrieval/<name>/`` set (unknown names: passage retrieval,
-    ``beir``, trained on). ``train: false`` makes a set evaluation-only: neither its queries (phase-2 pairs) nor its
-    corpus (tokenizer text) are trained on."""
+    """The task, evaluation kind, ``train`` flag and ``bm25_negatives`` of a ``retrieval/<name>/`` set (unknown names:
+    passage retrieval, ``beir``, trained on, none mined). ``train: false`` makes a set evaluation-only: neither its
+    queries (phase-2 pairs) nor its corpus (tokenizer text) are trained on. ``bm25_negatives``: phase 2's BM25-mined
+    negatives per training query (`train.data.build_pair_dataset_from_beir`)."""
     spec = config["retrieval_sets"].get(folder.name, {})
     return {"task": spec.get("task", config["default_pair_task"]), "kind": spec.get("kind", "beir"),
-            "train": spec.get("train", True)}  # fmt: skip
+            "train": spec.get("train", True), "bm25_negatives": spec.get("bm25_negatives", 0)}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -243,11 +253,12 @@ def phase2_sources(config: Mapping[str, Any], data: DataFolder, work_dir: Path) 
     """Phase 2's ``train_sources``: the pair files (``pair_sources``) and the train side of every retrieval set not
     marked ``train: false``."""
     sources = pair_sources(data.pairs, config, work_dir)
-    return sources + [
-        {"beir": str(folder), "task": retrieval_spec(config, folder)["task"], "max_pairs": config["max_pairs_per_source"]}
-        for folder in data.split_sets
-        if retrieval_spec(config, folder)["train"]
-    ]
+    for folder in data.split_sets:
+        spec = retrieval_spec(config, folder)
+        if spec["train"]:
+            entry = {"beir": str(folder), "task": spec["task"], "max_pairs": config["max_pairs_per_source"]}
+            sources.append(entry | ({"bm25_negatives": spec["bm25_negatives"]} if spec["bm25_negatives"] else {}))
+    return sources
 
 
 def phase2_config(config: Mapping[str, Any], sources: list[dict[str, Any]], phase1_final: Path, out: Path,
@@ -398,10 +409,19 @@ def evaluate(models: list[str], tasks: list[str], out: Path) -> dict[str, Any]:
     return json.loads((out / "results.json").read_text(encoding="utf-8"))
 
 
-def export_hub(model_dir: Path, results: Path, target: Path, model_id: str) -> list[str]:
+def set_serving_length(folder: Path, max_seq_length: int) -> None:
+    """Make a saved sentence-transformers folder of ours truncate at ``max_seq_length`` tokens (its
+    ``sentence_bert_config.json``; the weights are untouched), so it is evaluated at the length the Hub folder serves."""
+    path = folder / "sentence_bert_config.json"
+    settings = json.loads(path.read_text(encoding="utf-8"))
+    settings["max_seq_length"] = max_seq_length
+    path.write_text(json.dumps(settings, indent=4) + "\n", encoding="utf-8")
+
+
+def export_hub(model_dir: Path, results: Path, target: Path, model_id: str, max_seq_length: int) -> list[str]:
     from train.export import export
 
-    return export(model_dir, target, results_path=results, datasets=[], model_id=model_id)
+    return export(model_dir, target, results_path=results, datasets=[], model_id=model_id, max_seq_length=max_seq_length)
 
 
 def results_table(results: Mapping[str, Any], labels: Mapping[str, str]) -> str:
@@ -485,15 +505,20 @@ def quickstart(output: str | Path, data_dir: str | Path, budget_minutes: float |
     if config["evaluation"]["hybrid"]:
         labels[f"bm25+{paths['trained_model']}"] = f"bm25 + {preset}, quickstart (RRF)"
 
+    serving_length = config["evaluation"]["serving_length"]
+
     def evaluation_stage() -> dict[str, Any]:
+        set_serving_length(paths["trained_model"], serving_length)
         if config["evaluation"]["untrained"]:
-            save_untrained(phase1_raw, phase2_raw, paths["untrained_model"])
+            set_serving_length(save_untrained(phase1_raw, phase2_raw, paths["untrained_model"]), serving_length)
         return evaluate(list(labels), eval_tasks(config, data, phase2_raw, out), paths["evaluation"])
 
     results = timed("evaluation", 4, f"python -m evaluation.run --model {paths['trained_model']} --task ...", evaluation_stage)
     timed(
-        "export", 5, f"python -m train.export --model {paths['trained_model']} --output {paths['hub_folder']}",
-        lambda: export_hub(paths["trained_model"], paths["evaluation"] / "results.json", paths["hub_folder"], f"{preset}-quickstart"),
+        "export", 5, f"python -m train.export --model {paths['trained_model']} --output {paths['hub_folder']} "
+        f"--max-seq-length {serving_length}",
+        lambda: export_hub(paths["trained_model"], paths["evaluation"] / "results.json", paths["hub_folder"],
+                           f"{preset}-quickstart", serving_length),
     )  # fmt: skip
     return QuickstartResult(out, paths, results, labels, seconds)
 
