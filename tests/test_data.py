@@ -4,6 +4,7 @@ loader is replaced), the filtered/deduplicated text stream, mixture weights, ins
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -783,3 +784,30 @@ def test_beir_bm25_negatives_skip_judged_documents_and_stay_on_the_chosen_side(t
     mined = {text for row in train for text in row["negatives"]}
     assert sum(len(row["negatives"]) for row in train) > 0.6 * len(train)
     assert mined <= train_documents and len(heldout_only) > 100 and heldout_only.isdisjoint(mined)
+
+
+def test_beir_empty_texts_are_counted_skips_and_an_empty_side_is_an_error(tmp_path):
+    """An empty query or positive skips its query and an empty negative is left out, each counted (no empty text is
+    trained on, and BM25 mining never sees one); a side with no pair left is a ValueError naming the folder."""
+    root = tmp_path / "beir"
+    (root / "qrels").mkdir(parents=True)
+    texts = {"a1": "revenue 2019 total", "b1": "   ", "c1": "cloud revenue 2019", "c0": "", "d1": "headcount table"}
+    _write_jsonl(root / "corpus.jsonl", [{"_id": d, "title": "", "text": t} for d, t in texts.items()])
+    questions = {"qa": "revenue 2019", "qb": "cloud revenue", "qc": "cloud segment revenue", "qd": " "}
+    _write_jsonl(root / "queries.jsonl", [{"_id": q, "text": t} for q, t in questions.items()])
+    qrels = [("qa", "a1", 1), ("qb", "b1", 1), ("qc", "c1", 2), ("qc", "c0", 1), ("qd", "d1", 1)]
+    (root / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{s}\n" for q, d, s in qrels), encoding="utf-8"
+    )
+    stats = PairStats()
+    rows = build_pair_dataset_from_beir(root, "all", task="finance_qa", stats=stats, bm25_negatives=1)
+    assert rows["query"] == ["revenue 2019", "cloud segment revenue"]
+    # Mined from the two non-empty positives only; qa's one candidate (c1) scores within the 0.95 margin of its positive.
+    assert rows["negatives"] == [[], [texts["a1"]]]
+    assert stats.records == 2
+    assert dict(stats.skipped) == {"beir_empty_positive": 1, "beir_empty_query": 1, "beir_empty_negative": 1}
+    (root / "queries.jsonl").write_text(json.dumps({"_id": "qa", "text": "revenue 2019"}) + "\n", encoding="utf-8")
+    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nqa\ta1\t1\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(root))}: no heldout-side pairs \(0 of 1 judged queries on that "
+                                         r"side at train_fraction=0\.8; pair records 0; skipped: none\)$"):  # fmt: skip
+        build_pair_dataset_from_beir(root, "heldout", task="finance_qa")  # its one query trains

@@ -254,6 +254,12 @@ def test_retrieval_sets_give_phase2_its_beir_sources_and_bad_entries_are_named(t
          "bm25_negatives": 2},
     ]  # fmt: skip
     path = tmp_path / "quickstart.yaml"
+    config["evaluation"]["serving_length"] = 8193  # chroma-moe-small: 8,192 positions; refused before any training
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"evaluation\.serving_length=8193: must be at most the model's "
+                                          r"max_position_embeddings=8192 \(phase1\.model\)$"):  # fmt: skip
+        quickstart.load_quickstart_config(path)
+    config["evaluation"]["serving_length"] = 128
     for spec, field in (({"task": "finance_qa", "trian": False}, "trian"), ({"task": "finance_qa", "bm25_negatives": -1}, "-1")):
         config["retrieval_sets"]["tatqa_finance_dev"] = spec
         path.write_text(yaml.safe_dump(config), encoding="utf-8")

@@ -843,6 +843,10 @@ def build_pair_dataset_from_beir(
     judged 0, then Complement and Substitute), so a row's first ``max_negatives_per_query`` are the ones a ranking must
     push furthest down.
 
+    An empty (whitespace-only) query or positive skips its query, an empty negative is left out; both are counted in
+    ``stats`` (``beir_empty_query``, ``beir_empty_positive``, ``beir_empty_negative``). ``ValueError`` when the chosen
+    side has no pair (e.g. every query held out), naming the folder and the counts.
+
     ``bm25_negatives`` > 0 appends up to that many BM25-mined negatives per record (after the judged ones), drawn only
     from the documents of highest grade of the *chosen* side's queries, so the other side's documents are never read
     (`train.mine_negatives`: positive-aware margin 0.95, no top ranks skipped, any document judged for the query
@@ -861,13 +865,24 @@ def build_pair_dataset_from_beir(
         judged = beir.qrels[query_id]
         top = max(judged.values())
         positive_id = next(doc_id for doc_id, grade in judged.items() if grade == top)
+        if not queries[query_id].strip() or not documents[positive_id].strip():
+            stats.skipped["beir_empty_query" if not queries[query_id].strip() else "beir_empty_positive"] += 1
+            continue
         by_grade = sorted(judged.items(), key=lambda item: item[1])  # stable: file order within a grade
         negatives = [documents[doc_id] for doc_id, grade in by_grade if grade < top]
+        kept = [text for text in negatives if text.strip()]
+        if len(kept) < len(negatives):
+            stats.skipped["beir_empty_negative"] += len(negatives) - len(kept)
+        negatives = kept
         records.append(asdict(PairExample(queries[query_id], documents[positive_id], negatives, task)))
         judged_texts.append({documents[doc_id] for doc_id in judged})
-        tops.update((documents[doc_id], None) for doc_id, grade in judged.items() if grade == top)  # texts, deduplicated
+        tops.update((documents[doc_id], None) for doc_id, grade in judged.items()
+                    if grade == top and documents[doc_id].strip())  # texts, deduplicated, none empty
         stats.records += 1
     logger.info("%s (%s queries): %s", beir_dir, split_queries, stats.summary())
+    if not records:
+        raise ValueError(f"{beir_dir}: no {split_queries}-side pairs ({len(chosen)} of {len(beir.query_ids)} judged "
+                         f"queries on that side at train_fraction={train_fraction}; {stats.summary()})")
     if bm25_negatives > 0:
         from train.mine_negatives import MiningConfig, mine  # mine_negatives imports this module
 
