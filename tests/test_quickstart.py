@@ -260,7 +260,8 @@ def test_retrieval_sets_give_phase2_its_beir_sources_and_bad_entries_are_named(t
                                           r"max_position_embeddings=8192 \(phase1\.model\)$"):  # fmt: skip
         quickstart.load_quickstart_config(path)
     config["evaluation"]["serving_length"] = 128
-    for spec, field in (({"task": "finance_qa", "trian": False}, "trian"), ({"task": "finance_qa", "bm25_negatives": -1}, "-1")):
+    for spec, field in (({"task": "finance_qa", "trian": False}, r"unknown key\(s\) \['trian'\]; keys"),
+                        ({"task": "finance_qa", "bm25_negatives": -1}, "-1")):
         config["retrieval_sets"]["tatqa_finance_dev"] = spec
         path.write_text(yaml.safe_dump(config), encoding="utf-8")
         with pytest.raises(ConfigError, match=rf"retrieval_sets\.tatqa_finance_dev=.*{field}.*bm25_negatives an integer >= 0"):

@@ -117,10 +117,12 @@ def load_quickstart_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: budget.phase1_share + budget.phase2_share must be < 1 (the rest of the budget is for the tokenizer, teacher encoding and export)")
     for name, spec in config["retrieval_sets"].items():
         mined = spec.get("bm25_negatives", 0) if isinstance(spec, dict) else None
-        if (not isinstance(spec, dict) or not set(spec) <= RETRIEVAL_SET_KEYS or spec.get("task") not in INSTRUCTIONS
+        unknown = sorted(set(spec) - RETRIEVAL_SET_KEYS) if isinstance(spec, dict) else []
+        if (not isinstance(spec, dict) or unknown or spec.get("task") not in INSTRUCTIONS
                 or spec.get("kind", "beir") not in EVAL_KINDS or not isinstance(spec.get("train", True), bool)
                 or isinstance(mined, bool) or not isinstance(mined, int) or mined < 0):  # fmt: skip
-            raise ConfigError(f"{path}: retrieval_sets.{name}={spec!r}: keys {sorted(RETRIEVAL_SET_KEYS)}; task one of "
+            named = f"unknown key(s) {unknown}; " if unknown else ""
+            raise ConfigError(f"{path}: retrieval_sets.{name}={spec!r}: {named}keys {sorted(RETRIEVAL_SET_KEYS)}; task one of "
                               f"{sorted(INSTRUCTIONS)}, kind one of {EVAL_KINDS}, train true or false, bm25_negatives "
                               "an integer >= 0")  # fmt: skip
     return config
