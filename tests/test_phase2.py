@@ -447,3 +447,14 @@ def test_a_matryoshka_dim_beyond_the_embedding_is_refused_before_training(worksp
     with pytest.raises(ConfigError, match=refusal):
         phase2.train(tiny_config(workspace, output, "matryoshka_dims=[64, 16]"))
     assert not (output / "pairs").exists()  # refused before any data was read
+
+
+@pytest.mark.parametrize("phase", ["phase1", "phase2"])
+def test_a_config_mistake_on_the_command_line_is_one_error_line_not_a_traceback(tmp_path: Path, phase: str) -> None:
+    """``python train/phase*.py --config bad.yaml``: exit status 1 and the ConfigError's message alone on stderr."""
+    config = tmp_path / "bad.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'out'}\nlearning_rate: fast\n", encoding="utf-8")
+    done = subprocess.run([sys.executable, str(REPO / "train" / f"{phase}.py"), "--config", str(config)], cwd=REPO,
+                          capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=300)  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "error: config key 'learning_rate'='fast': expected float"
