@@ -51,7 +51,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from configuration_chroma_moe import PRESETS
+from configuration_chroma_moe import PRESETS, ChromaMoeConfig
 from train.common import ConfigError, config_from_dict, expand_path
 from train.data import INSTRUCTIONS, iter_jsonl, write_heldout_beir, write_jsonl
 
@@ -108,7 +108,10 @@ def load_quickstart_config(path: str | Path) -> dict[str, Any]:
     if isinstance(serving, bool) or not isinstance(serving, int) or serving <= 0:
         raise ConfigError(f"{path}: evaluation.serving_length={serving!r}: expected a positive number of tokens")
     model = config["phase1"].get("model") or {}
-    positions = model.get("max_position_embeddings") or PRESETS.get(model.get("preset"), {}).get("max_position_embeddings")
+    preset = model.get("preset")
+    positions = model.get("max_position_embeddings") or (
+        ChromaMoeConfig.from_preset(preset).max_position_embeddings if isinstance(preset, str) and preset in PRESETS else None
+    )
     if positions is not None and serving > positions:  # else (init_from) the export checks it
         raise ConfigError(f"{path}: evaluation.serving_length={serving}: must be at most the model's "
                           f"max_position_embeddings={positions} (phase1.model)")  # fmt: skip
