@@ -266,6 +266,12 @@ def test_retrieval_sets_give_phase2_its_beir_sources_and_bad_entries_are_named(t
         path.write_text(yaml.safe_dump(config), encoding="utf-8")
         with pytest.raises(ConfigError, match=rf"retrieval_sets\.tatqa_finance_dev=.*{field}.*bm25_negatives an integer >= 0"):
             quickstart.load_quickstart_config(path)
+    config["retrieval_sets"]["tatqa_finance_dev"] = {"task": "finance_qa"}
+    config["retrieval_sets"]["stsb_xling_to_en_dev"] = {"task": "bitext", "train": False, "bm25_negatives": 1}
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"retrieval_sets\.stsb_xling_to_en_dev: bm25_negatives=1 mines negatives for "
+                                          r"training, but the set has train: false \(evaluation only\)$"):  # fmt: skip
+        quickstart.load_quickstart_config(path)
 
 
 def test_the_ablation_adds_one_ingredient_per_row_and_ends_at_the_quickstart_recipe() -> None:

@@ -420,4 +420,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:  # bad input, named in the message
+        raise SystemExit(f"error: {error}") from None

@@ -60,6 +60,18 @@ class ConfigError(ValueError):
     """A config value that cannot be used; the message names the key."""
 
 
+INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError)  # a bad config, argument, data row or path
+
+
+def run_command_line(main: Callable[[], object]) -> None:
+    """Run a command's ``main()``. Bad input (``INPUT_ERRORS``, e.g. a `ConfigError` or a data row's ValueError; their
+    messages name the key, row or path) prints ``error: <message>`` and exits with status 1 instead of a traceback."""
+    try:
+        main()
+    except INPUT_ERRORS as error:
+        raise SystemExit(f"error: {error}") from None
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``"a.b=value"`` → (["a", "b"], value parsed as YAML, so ``3``, ``true``, ``null`` and ``[1, 2]`` work)."""
     key, sep, raw = item.partition("=")

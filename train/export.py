@@ -39,7 +39,7 @@ from sentence_chroma_moe import (
     default_max_seq_length,
     save_sentence_transformer,
 )
-from train.common import RUN_CONFIG_FILE, latest_checkpoint, read_trainer_state
+from train.common import RUN_CONFIG_FILE, latest_checkpoint, read_trainer_state, run_command_line
 
 logger = logging.getLogger(__name__)
 
@@ -323,4 +323,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command_line(main)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from train.common import run_command_line
 from train.data import format_query, iter_jsonl, pair_from_json, validate_pair_row, write_jsonl
 
 ENCODE_BATCH = 64
@@ -226,4 +227,4 @@ def main(argv: Sequence[str] | None = None) -> Counter:
 
 
 if __name__ == "__main__":
-    main()
+    run_command_line(main)

@@ -592,7 +592,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as error:  # a config mistake: its message, not a traceback; exit status 1
-        raise SystemExit(f"error: {error}") from None
+    common.run_command_line(main)

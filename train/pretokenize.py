@@ -42,6 +42,7 @@ import pyarrow.compute as pc
 from datasets.arrow_writer import ArrowWriter
 from transformers import PreTrainedTokenizerBase
 
+from train.common import run_command_line
 from train.data import TextSourceSpec, dedup_key, load_text_dataset, mix_text_datasets
 
 logger = logging.getLogger(__name__)
@@ -365,4 +366,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command_line(main)

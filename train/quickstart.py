@@ -128,6 +128,9 @@ def load_quickstart_config(path: str | Path) -> dict[str, Any]:
             raise ConfigError(f"{path}: retrieval_sets.{name}={spec!r}: {named}keys {sorted(RETRIEVAL_SET_KEYS)}; task one of "
                               f"{sorted(INSTRUCTIONS)}, kind one of {EVAL_KINDS}, train true or false, bm25_negatives "
                               "an integer >= 0")  # fmt: skip
+        if mined and spec.get("train") is False:
+            raise ConfigError(f"{path}: retrieval_sets.{name}: bm25_negatives={mined} mines negatives for training, but the "
+                              "set has train: false (evaluation only)")  # fmt: skip
     return config
 
 
