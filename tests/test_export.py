@@ -148,3 +148,26 @@ def test_export_refuses_bad_inputs(model_dir, tmp_path):
         export_module.export(model_dir, tmp_path / "out", results_path=bad)
     with pytest.raises(FileNotFoundError, match="config.json not found"):
         export_module.export(tmp_path / "nowhere", tmp_path / "out")
+
+
+def test_the_model_card_names_evaluated_folders_by_hub_id_and_folder_name_not_local_path(model_dir, tmp_path):
+    """The exported folder is the model's Hub id (also inside bm25+<model>), another local folder its folder name."""
+    untrained = tmp_path / "runs" / "untrained"
+    untrained.mkdir(parents=True)
+    names = {str(model_dir): "org/chroma-moe-tiny", f"bm25+{model_dir}": "bm25+org/chroma-moe-tiny",
+             str(untrained): "untrained", "bm25": "bm25", "minilm": "minilm"}  # fmt: skip
+    chroma = RESULTS["models"]["chroma"]
+    results = {
+        "tasks": {"beir:tatqa_finance_dev": {name: {"ndcg@10": 0.1 * i} for i, name in enumerate(names)}},
+        "models": {name: chroma for name in names},
+        "notes": {"beir:tatqa_finance_dev": {}},
+        "errors": {str(untrained): "out of memory"},
+    }
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    export_module.export(model_dir, tmp_path / "hub", results_path=path, model_id="org/chroma-moe-tiny")
+    card = (tmp_path / "hub" / "README.md").read_text(encoding="utf-8")
+    assert "| task | metric | org/chroma-moe-tiny | bm25+org/chroma-moe-tiny | untrained | bm25 | minilm |" in card
+    assert "| beir:tatqa_finance_dev | ndcg@10 | 0.0000 | 0.1000 | 0.2000 | 0.3000 | 0.4000 |" in card
+    assert "- error: untrained failed: out of memory" in card
+    assert str(tmp_path) not in card

@@ -223,6 +223,28 @@ def read_results(path: str | Path) -> dict[str, Any]:
     return results
 
 
+def card_model_name(name: str, model_dir: Path, model_id: str) -> str:
+    """How the model card names an evaluated model: the exported folder is `model_id`, another local folder its folder
+    name (e.g. ``untrained``), ``bm25+<model>`` the same with its dense part renamed; ``bm25``, ``minilm`` and Hub ids
+    as they are. Local paths of the machine that evaluated mean nothing on the Hub."""
+    if name.startswith("bm25+"):
+        return "bm25+" + card_model_name(name.removeprefix("bm25+"), model_dir, model_id)
+    if Path(name).is_dir():
+        return model_id if Path(name).resolve() == model_dir.resolve() else Path(name).resolve().name
+    return name
+
+
+def card_results(results: dict[str, Any], model_dir: Path, model_id: str) -> dict[str, Any]:
+    """`results` (evaluation.run's) with every model renamed by `card_model_name`, for the model card."""
+
+    def rename(per_model: dict[str, Any]) -> dict[str, Any]:
+        return {card_model_name(name, model_dir, model_id): value for name, value in per_model.items()}
+
+    renamed = {key: {task: rename(per_model) for task, per_model in results.get(key, {}).items()}
+               for key in ("tasks", "notes")}  # fmt: skip
+    return results | renamed | {"models": rename(results["models"]), "errors": rename(results.get("errors", {}))}
+
+
 def folder_files(folder: Path) -> list[str]:
     """Every file under `folder`, as sorted POSIX paths relative to it."""
     return sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
@@ -260,11 +282,12 @@ def export(
     print(f"export: serving max_seq_length={max_seq_length} tokens ({how}); trained at: "
           f"{describe_training_lengths(trained)}")  # fmt: skip
     save_sentence_transformer(st_model, output_dir)
+    model_id = model_id or output_dir.name
     card = model_card(
         st_model,
-        model_id=model_id or output_dir.name,
+        model_id=model_id,
         datasets=list(DEFAULT_DATASETS if datasets is None else datasets),
-        results=results,
+        results=card_results(results, Path(model_dir), model_id) if results else None,
         base_model=base_model,
         trained_lengths=trained,
     )
