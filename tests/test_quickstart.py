@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+from transformers import AutoTokenizer
 
 from train import quickstart
 from train.common import ConfigError
@@ -97,6 +98,9 @@ def test_every_artefact_exists(run: tuple[Path, subprocess.CompletedProcess]) ->
     assert models[str(output / "phase2" / "final")]["max_seq_length"] == serving
     assert models[str(output / "untrained")]["max_seq_length"] == serving
     assert json.loads((output / "hub" / "sentence_bert_config.json").read_text(encoding="utf-8"))["max_seq_length"] == serving
+    hub_tokenizer = AutoTokenizer.from_pretrained(output / "hub")  # plain transformers truncates there too
+    assert hub_tokenizer.model_max_length == serving
+    assert len(hub_tokenizer("revenue " * 1000, truncation=True)["input_ids"]) == serving
     # The closing summary names the artefacts and prints the results table.
     assert "quickstart finished" in done.stdout and str(output / "hub") in done.stdout
     assert "| beir:dev | chroma-moe-tiny, quickstart |" in done.stdout

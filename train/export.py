@@ -187,7 +187,7 @@ def model_card(
         "",
         f'tokenizer = AutoTokenizer.from_pretrained("{model_id}", trust_remote_code=True)',
         f'model = AutoModelForTextEncoding.from_pretrained("{model_id}", trust_remote_code=True)',
-        'batch = tokenizer(["hdmi cable 2m"], padding=True, return_tensors="pt")',
+        'batch = tokenizer(["hdmi cable 2m"], padding=True, truncation=True, return_tensors="pt")',
         'embeddings = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).sentence_embedding',
         "```",
         "",
@@ -278,6 +278,7 @@ def export(
     else:
         how = "--max-seq-length"
     st_model.max_seq_length = max_seq_length
+    st_model.tokenizer.model_max_length = max_seq_length  # transformers users' truncation=True cuts where ST's does
     trained = training_lengths(model_dir)
     print(f"export: serving max_seq_length={max_seq_length} tokens ({how}); trained at: "
           f"{describe_training_lengths(trained)}")  # fmt: skip
