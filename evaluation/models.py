@@ -231,12 +231,6 @@ class HybridModel:
             "tokenizer": self.bm25.info()["tokenizer"],
         }
 
-    def component_scores(
-        self, queries: list[str], documents: list[str], query_prompt: str | None = None
-    ) -> list[np.ndarray]:
-        """BM25's and the dense model's score matrices, each ``[Q, D]``."""
-        return [self.bm25.score_matrix(queries, documents), self.dense.score_matrix(queries, documents, query_prompt)]
-
     def count_truncated(self, texts: list[str], role: Role, query_prompt: str | None = None) -> int | None:
         """The dense model's truncation (BM25 reads whole texts)."""
         return self.dense.count_truncated(texts, role, query_prompt)

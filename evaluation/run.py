@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from .models import Bm25Model, DenseModel, HybridModel, check_model_spec, load_model, rrf_fuse
+from .models import HYBRID_PREFIX, Bm25Model, DenseModel, HybridModel, check_model_spec, load_model, rrf_fuse
 from .tasks import (
     ProbeSet,
     RetrievalSet,
@@ -127,6 +127,26 @@ def load_task_data(spec: TaskSpec) -> RetrievalSet | StsSet | ProbeSet | None:
     return None
 
 
+class DenseScoreCache:
+    """Score matrices ``[Q, D]`` of the dense models evaluated both alone and inside ``bm25+<model>``, per task: the
+    second of the two rows reuses the first one's instead of encoding the task's queries and corpus again."""
+
+    def __init__(self, model_names: list[str]) -> None:
+        hybrids = {name.removeprefix(HYBRID_PREFIX) for name in model_names if name.startswith(HYBRID_PREFIX)}
+        self.shared = hybrids & set(model_names)  # dense model names with both rows
+        self.scores: dict[tuple[str, str], np.ndarray] = {}  # (dense model, task) -> [Q, D]
+
+    def score_matrix(self, dense: DenseModel, data: RetrievalSet, spec: TaskSpec) -> np.ndarray:
+        """``dense``'s scores ``[Q, D]`` of ``data``'s queries (with ``spec``'s prompt) against its documents."""
+        key = (dense.name, spec.name)
+        if key not in self.scores:
+            scores = dense.score_matrix(data.query_texts, data.doc_texts, spec.query_prompt)  # [Q, D]
+            if dense.name not in self.shared:
+                return scores
+            self.scores[key] = scores
+        return self.scores[key]
+
+
 def _no_embeddings(model: Bm25Model | HybridModel, spec: TaskSpec) -> tuple[dict[str, float], dict[str, Any]]:
     if isinstance(model, HybridModel):
         reason = f"{model.name} is a fused ranking without embeddings of its own (see {model.dense.name})"
@@ -137,19 +157,23 @@ def _no_embeddings(model: Bm25Model | HybridModel, spec: TaskSpec) -> tuple[dict
 def _fused_scores(
     model: HybridModel,
     data: RetrievalSet,
+    spec: TaskSpec,
     candidates: list[np.ndarray] | None,
     doc_index: dict[str, int],
-    query_prompt: str | None,
+    cache: DenseScoreCache,
 ) -> np.ndarray:
     """RRF scores ``[Q, D]`` of BM25's and the dense model's rankings, each the top 100 (or every candidate)."""
+    components = [model.bm25.score_matrix(data.query_texts, data.doc_texts), cache.score_matrix(model.dense, data, spec)]
     rankings = [
         [[data.doc_ids[i] for i in ranked] for ranked in rank_documents(scores, data.doc_ids, candidates)]
-        for scores in model.component_scores(data.query_texts, data.doc_texts, query_prompt)  # each [Q, D]
+        for scores in components  # each [Q, D]
     ]
     return rrf_fuse(data.query_ids, rankings, doc_index)
 
 
-def _retrieval(model: Bm25Model | DenseModel | HybridModel, data: RetrievalSet, spec: TaskSpec) -> tuple[dict, dict]:
+def _retrieval(
+    model: Bm25Model | DenseModel | HybridModel, data: RetrievalSet, spec: TaskSpec, cache: DenseScoreCache
+) -> tuple[dict, dict]:
     """Score matrix → top-100 ranking → ranx; ESCI ranks each query's judged products only. A hybrid's score matrix
     is the RRF fusion of its two rankings (each over the same candidates)."""
     doc_index = {doc_id: i for i, doc_id in enumerate(data.doc_ids)}
@@ -157,7 +181,9 @@ def _retrieval(model: Bm25Model | DenseModel | HybridModel, data: RetrievalSet, 
     if spec.kind == "esci":
         candidates = [np.array([doc_index[d] for d in data.qrels[qid]]) for qid in data.query_ids]
     if isinstance(model, HybridModel):
-        scores = _fused_scores(model, data, candidates, doc_index, spec.query_prompt)  # [Q, D]
+        scores = _fused_scores(model, data, spec, candidates, doc_index, cache)  # [Q, D]
+    elif isinstance(model, DenseModel):
+        scores = cache.score_matrix(model, data, spec)  # [Q, D]
     else:
         scores = model.score_matrix(data.query_texts, data.doc_texts, spec.query_prompt)  # [Q, D]
     note: dict[str, Any] = {
@@ -182,11 +208,12 @@ def _retrieval(model: Bm25Model | DenseModel | HybridModel, data: RetrievalSet, 
 
 
 def run_task(
-    model: Bm25Model | DenseModel | HybridModel, spec: TaskSpec, data: Any
+    model: Bm25Model | DenseModel | HybridModel, spec: TaskSpec, data: Any, cache: DenseScoreCache | None = None
 ) -> tuple[dict[str, float], dict[str, Any]]:
-    """Evaluate one model on one task: ``(metrics, note)``."""
+    """Evaluate one model on one task: ``(metrics, note)``; ``cache`` shares a dense model's retrieval scores with its
+    ``bm25+`` row."""
     if spec.kind in ("beir", "esci"):
-        return _retrieval(model, data, spec)
+        return _retrieval(model, data, spec, cache or DenseScoreCache([]))
     if isinstance(model, HybridModel):
         return _no_embeddings(model, spec)
     if spec.kind == "mteb":
@@ -236,9 +263,10 @@ def evaluate(models: list[str], tasks: list[str]) -> dict[str, Any]:
         "data": {name: loaded.counts for name, loaded in data.items() if loaded is not None},
         "errors": {},
     }
+    cache = DenseScoreCache(model_names)
     for model_spec, model_name in zip(models, model_names):
         try:
-            _run_model(model_spec, model_name, specs, data, results)
+            _run_model(model_spec, model_name, specs, data, results, cache)
         except Exception as error:  # noqa: BLE001 - one model's failure must not lose the others' results
             traceback.print_exc()
             results["errors"][model_name] = f"{type(error).__name__}: {error}"
@@ -246,7 +274,12 @@ def evaluate(models: list[str], tasks: list[str]) -> dict[str, Any]:
 
 
 def _run_model(
-    model_spec: str, model_name: str, specs: list[TaskSpec], data: dict[str, Any], results: dict[str, Any]
+    model_spec: str,
+    model_name: str,
+    specs: list[TaskSpec],
+    data: dict[str, Any],
+    results: dict[str, Any],
+    cache: DenseScoreCache,
 ) -> None:
     """Load one model and run every task, filling ``results`` as each task finishes; the model is freed on return."""
     from tqdm.auto import tqdm
@@ -257,7 +290,7 @@ def _run_model(
     results["models"][model_name] = info
     for spec in tqdm(specs, desc=f"tasks for {model_name}", unit="task"):
         start = time.perf_counter()
-        metrics, note = run_task(model, spec, data[spec.name])
+        metrics, note = run_task(model, spec, data[spec.name], cache)
         info["time_s"][spec.name] = round(time.perf_counter() - start, 1)
         results["tasks"][spec.name][model_name] = metrics
         results["notes"][spec.name][model_name] = note

