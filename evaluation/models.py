@@ -268,7 +268,7 @@ def check_model_spec(spec: str) -> None:
     """Refuse a ``--model`` value before any work: ``ValueError`` naming it unless it is ``bm25``, ``minilm``, a
     folder, or ``bm25+`` followed by ``minilm`` or a folder."""
     dense = spec[len(HYBRID_PREFIX) :] if spec.startswith(HYBRID_PREFIX) else spec
-    if spec == "bm25" or dense == "minilm" or (dense != "bm25" and Path(dense).is_dir()):
+    if spec == "bm25" or dense == "minilm" or (dense not in ("", "bm25") and Path(dense).is_dir()):
         return
     raise ValueError(
         f"--model {spec}: expected 'bm25', 'minilm', a sentence-transformers folder, or '{HYBRID_PREFIX}' and 'minilm' "

@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = _finite_or_none(evaluate(args.model, args.task))
     except (ValueError, FileNotFoundError) as error:
-        parser.error(str(error))
+        raise SystemExit(f"error: {error}") from None
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
     table = markdown_table(results)

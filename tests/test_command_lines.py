@@ -35,6 +35,10 @@ def commands(tmp: Path) -> dict[str, tuple[list[str], str]]:
                              f"output_dir={tmp / 'run'}", f"tokenizer={tmp / 'tokenizer'}", f"train_sources=[{{path: {bad}, task: bitext}}]",
                              "dev_beir=null"],
                             f"error: {bad}:1: field 'positive' must be a non-empty string, found ''"),
+        "phase2 config folder": ([str(REPO / "train" / "phase2.py"), "--config", str(tmp)], f"error: config file not found: {tmp}"),
+        "evaluation.run": (["-m", "evaluation.run", "--model", "bm25+", "--task", f"beir:{tmp}", "--output", str(tmp / "r.json")],
+                           "error: --model bm25+: expected 'bm25', 'minilm', a sentence-transformers folder, or 'bm25+' and "
+                           "'minilm' or a folder; '' is not a folder"),
     }  # fmt: skip
 
 
@@ -50,3 +54,17 @@ def test_bad_input_is_one_error_line_and_exit_status_1(tmp_path: Path, name: str
                           env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=300)  # fmt: skip
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1] == last_line
+
+
+def test_a_config_that_is_not_yaml_is_named_with_its_parse_error(tmp_path: Path) -> None:
+    from train.common import ConfigError, load_config
+    from train.phase2 import Phase2Config
+
+    config = tmp_path / "broken.yaml"
+    config.write_text("max_steps: [\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as error:
+        load_config(Phase2Config, config)
+    assert str(error.value) == (
+        f"{config}: not valid YAML (while parsing a flow node expected the node content, but found '<stream end>' "
+        f'in "{config}", line 2, column 1)'
+    )

@@ -159,7 +159,8 @@ def test_the_model_card_names_evaluated_folders_by_hub_id_and_folder_name_not_lo
     chroma = RESULTS["models"]["chroma"]
     results = {
         "tasks": {"beir:tatqa_finance_dev": {name: {"ndcg@10": 0.1 * i} for i, name in enumerate(names)}},
-        "models": {name: chroma for name in names},
+        "models": {name: chroma for name in names}
+        | {f"bm25+{model_dir}": chroma | {"similarity": f"rrf (k=60) of bm25 and {model_dir}"}},
         "notes": {"beir:tatqa_finance_dev": {}},
         "errors": {str(untrained): "out of memory"},
     }
@@ -170,4 +171,5 @@ def test_the_model_card_names_evaluated_folders_by_hub_id_and_folder_name_not_lo
     assert "| task | metric | org/chroma-moe-tiny | bm25+org/chroma-moe-tiny | untrained | bm25 | minilm |" in card
     assert "| beir:tatqa_finance_dev | ndcg@10 | 0.0000 | 0.1000 | 0.2000 | 0.3000 | 0.4000 |" in card
     assert "- error: untrained failed: out of memory" in card
+    assert "rrf (k=60) of bm25 and org/chroma-moe-tiny |" in card
     assert str(tmp_path) not in card

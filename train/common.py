@@ -198,11 +198,18 @@ def check_entry(where: str, entry: Any, allowed: frozenset[str], expected: str) 
 
 
 def load_config(cls: type[ConfigT], path: str | Path | None, overrides: Sequence[str] = ()) -> ConfigT:
-    """Read a YAML config file (or start from the defaults when ``path`` is None), apply overrides, validate."""
+    """Read a YAML config file (or start from the defaults when ``path`` is None), apply overrides, validate.
+    ``FileNotFoundError`` when ``path`` is not a file; ``ConfigError`` for YAML that does not parse or is not a
+    mapping."""
     raw: dict[str, Any] = {}
     if path is not None:
-        with open(path, encoding="utf-8") as handle:
-            loaded = yaml.safe_load(handle)
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            with open(path, encoding="utf-8") as handle:
+                loaded = yaml.safe_load(handle)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a YAML mapping, got {type(loaded).__name__}")
         raw = loaded or {}

@@ -240,9 +240,17 @@ def card_results(results: dict[str, Any], model_dir: Path, model_id: str) -> dic
     def rename(per_model: dict[str, Any]) -> dict[str, Any]:
         return {card_model_name(name, model_dir, model_id): value for name, value in per_model.items()}
 
+    def rename_inside(name: str, info: dict[str, Any]) -> dict[str, Any]:
+        """A hybrid's ``similarity`` names its dense model (``rrf (k=60) of bm25 and <model>``): renamed too."""
+        if not name.startswith("bm25+") or not isinstance(info.get("similarity"), str):
+            return info
+        dense = name.removeprefix("bm25+")
+        return info | {"similarity": info["similarity"].replace(dense, card_model_name(dense, model_dir, model_id))}
+
     renamed = {key: {task: rename(per_model) for task, per_model in results.get(key, {}).items()}
                for key in ("tasks", "notes")}  # fmt: skip
-    return results | renamed | {"models": rename(results["models"]), "errors": rename(results.get("errors", {}))}
+    models = rename({name: rename_inside(name, info) for name, info in results["models"].items()})
+    return results | renamed | {"models": models, "errors": rename(results.get("errors", {}))}
 
 
 def folder_files(folder: Path) -> list[str]:
