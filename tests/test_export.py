@@ -172,4 +172,9 @@ def test_the_model_card_names_evaluated_folders_by_hub_id_and_folder_name_not_lo
     assert "| beir:tatqa_finance_dev | ndcg@10 | 0.0000 | 0.1000 | 0.2000 | 0.3000 | 0.4000 |" in card
     assert "- error: untrained failed: out of memory" in card
     assert "rrf (k=60) of bm25 and org/chroma-moe-tiny |" in card
+    assert "- [PhilipMay/stsb_multi_mt](https://huggingface.co/datasets/PhilipMay/stsb_multi_mt)" in card
+    export_module.export(model_dir, tmp_path / "local", datasets=[])
+    card = (tmp_path / "local" / "README.md").read_text(encoding="utf-8")
+    local = "## Training data\n\nLocal files only: no Hub dataset was named at export (`python -m train.export --datasets"
+    assert local in card
     assert str(tmp_path) not in card

@@ -197,7 +197,8 @@ def model_card(
         "",
         "## Training data",
         "",
-        *(f"- [{name}](https://huggingface.co/datasets/{name})" for name in datasets),
+        *([f"- [{name}](https://huggingface.co/datasets/{name})" for name in datasets]
+          or ["Local files only: no Hub dataset was named at export (`python -m train.export --datasets ID ...`)."]),
         "",
         "## License",
         "",
