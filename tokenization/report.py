@@ -35,6 +35,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from tokenization.train import is_held_out, sts_texts
+from train.common import run_command_line
 from train.data import iter_jsonl, load_text_dataset
 
 MINILM = "minilm"
@@ -262,7 +263,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:  # bad input, named in the message
-        raise SystemExit(f"error: {error}") from None
+    run_command_line(main)

@@ -64,6 +64,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
+from train.common import run_command_line
 from train.data import iter_jsonl, load_text_dataset, mix_text_datasets
 
 logger = logging.getLogger(__name__)
@@ -420,7 +421,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:  # bad input, named in the message
-        raise SystemExit(f"error: {error}") from None
+    run_command_line(main)
