@@ -136,15 +136,28 @@ class DenseScoreCache:
         self.shared = hybrids & set(model_names)  # dense model names with both rows
         self.scores: dict[tuple[str, str], np.ndarray] = {}  # (dense model, task) -> [Q, D]
 
-    def score_matrix(self, dense: DenseModel, data: RetrievalSet, spec: TaskSpec) -> np.ndarray:
-        """``dense``'s scores ``[Q, D]`` of ``data``'s queries (with ``spec``'s prompt) against its documents."""
+    def score_matrix(
+        self, dense: DenseModel, data: RetrievalSet, spec: TaskSpec, documents: np.ndarray | None = None
+    ) -> np.ndarray:
+        """``dense``'s scores ``[Q, D]`` of ``data``'s queries (with ``spec``'s prompt) against its documents; with
+        ``documents`` (indices), only those are encoded and every other column is ``-inf``."""
         key = (dense.name, spec.name)
         if key not in self.scores:
-            scores = dense.score_matrix(data.query_texts, data.doc_texts, spec.query_prompt)  # [Q, D]
+            scores = _dense_scores(dense, data, spec, documents)  # [Q, D]
             if dense.name not in self.shared:
                 return scores
             self.scores[key] = scores
         return self.scores[key]
+
+
+def _dense_scores(dense: DenseModel, data: RetrievalSet, spec: TaskSpec, documents: np.ndarray | None) -> np.ndarray:
+    """Scores ``[Q, D]``: every document, or only the ``documents`` indices (the rest ``-inf``)."""
+    if documents is None:
+        return dense.score_matrix(data.query_texts, data.doc_texts, spec.query_prompt)  # [Q, D]
+    scores = np.full((len(data.query_ids), len(data.doc_ids)), -np.inf, dtype=np.float32)  # [Q, D]
+    texts = [data.doc_texts[i] for i in documents]
+    scores[:, documents] = dense.score_matrix(data.query_texts, texts, spec.query_prompt)  # [Q, len(documents)]
+    return scores
 
 
 def _no_embeddings(model: Bm25Model | HybridModel, spec: TaskSpec) -> tuple[dict[str, float], dict[str, Any]]:
@@ -159,11 +172,16 @@ def _fused_scores(
     data: RetrievalSet,
     spec: TaskSpec,
     candidates: list[np.ndarray] | None,
+    judged: np.ndarray | None,
     doc_index: dict[str, int],
     cache: DenseScoreCache,
 ) -> np.ndarray:
-    """RRF scores ``[Q, D]`` of BM25's and the dense model's rankings, each the top 100 (or every candidate)."""
-    components = [model.bm25.score_matrix(data.query_texts, data.doc_texts), cache.score_matrix(model.dense, data, spec)]
+    """RRF scores ``[Q, D]`` of BM25's and the dense model's rankings, each the top 100 (or every candidate; the
+    dense model encodes only the ``judged`` documents when given)."""
+    components = [
+        model.bm25.score_matrix(data.query_texts, data.doc_texts),  # [Q, D]
+        cache.score_matrix(model.dense, data, spec, judged),  # [Q, D]
+    ]
     rankings = [
         [[data.doc_ids[i] for i in ranked] for ranked in rank_documents(scores, data.doc_ids, candidates)]
         for scores in components  # each [Q, D]
@@ -174,21 +192,24 @@ def _fused_scores(
 def _retrieval(
     model: Bm25Model | DenseModel | HybridModel, data: RetrievalSet, spec: TaskSpec, cache: DenseScoreCache
 ) -> tuple[dict, dict]:
-    """Score matrix → top-100 ranking → ranx; ESCI ranks each query's judged products only. A hybrid's score matrix
-    is the RRF fusion of its two rankings (each over the same candidates)."""
+    """Score matrix → top-100 ranking → ranx; ESCI ranks each query's judged products only, so a dense model encodes
+    only those (BM25 still indexes the whole corpus: its IDF statistics are the corpus's). A hybrid's score matrix is
+    the RRF fusion of its two rankings (each over the same candidates)."""
     doc_index = {doc_id: i for i, doc_id in enumerate(data.doc_ids)}
-    candidates = None
+    candidates = judged = None
     if spec.kind == "esci":
         candidates = [np.array([doc_index[d] for d in data.qrels[qid]]) for qid in data.query_ids]
+        judged = np.unique(np.concatenate(candidates))  # [J] document indices
     if isinstance(model, HybridModel):
-        scores = _fused_scores(model, data, spec, candidates, doc_index, cache)  # [Q, D]
+        scores = _fused_scores(model, data, spec, candidates, judged, doc_index, cache)  # [Q, D]
     elif isinstance(model, DenseModel):
-        scores = cache.score_matrix(model, data, spec)  # [Q, D]
+        scores = cache.score_matrix(model, data, spec, judged)  # [Q, D]
     else:
         scores = model.score_matrix(data.query_texts, data.doc_texts, spec.query_prompt)  # [Q, D]
+    encoded = data.doc_texts if judged is None else [data.doc_texts[i] for i in judged]
     note: dict[str, Any] = {
         "truncated_queries": model.count_truncated(data.query_texts, "query", spec.query_prompt),
-        "truncated_documents": model.count_truncated(data.doc_texts, "document"),
+        "truncated_documents": model.count_truncated(encoded, "document"),
     }
     dense = model.dense if isinstance(model, HybridModel) else model
     if isinstance(dense, DenseModel):

@@ -17,19 +17,21 @@ from test_evaluation import write_beir
 VOCAB = "[PAD] [UNK] [CLS] [SEP] [MASK] the a red blue shoe shoes running phone case cable hdmi usb charger".split()
 
 
+SHOP_CORPUS = [
+    {"_id": "p1", "title": "red running shoes", "text": "red shoe"},
+    {"_id": "p2", "title": "blue running shoes", "text": "blue shoe"},
+    {"_id": "p3", "title": "phone case", "text": "red phone case"},
+    {"_id": "p4", "title": "hdmi cable", "text": "cable"},
+    {"_id": "p5", "title": "usb charger", "text": "phone charger"},
+]
+SHOP_QUERIES = [{"_id": q, "text": text} for q, text in (("q1", "red shoes"), ("q2", "phone charger"), ("q3", "cable"))]
+SHOP_QRELS = [("q1", "p1", 3), ("q1", "p2", 2), ("q1", "p3", 0), ("q2", "p5", 3), ("q2", "p3", 1), ("q3", "p4", 3)]
+
+
 @pytest.fixture(scope="module")
 def beir_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Five products, three queries, graded qrels (the ESCI grades 3/2/1/0 work for beir and esci)."""
-    corpus = [
-        {"_id": "p1", "title": "red running shoes", "text": "red shoe"},
-        {"_id": "p2", "title": "blue running shoes", "text": "blue shoe"},
-        {"_id": "p3", "title": "phone case", "text": "red phone case"},
-        {"_id": "p4", "title": "hdmi cable", "text": "cable"},
-        {"_id": "p5", "title": "usb charger", "text": "phone charger"},
-    ]
-    queries = [{"_id": q, "text": text} for q, text in (("q1", "red shoes"), ("q2", "phone charger"), ("q3", "cable"))]
-    qrels = [("q1", "p1", 3), ("q1", "p2", 2), ("q1", "p3", 0), ("q2", "p5", 3), ("q2", "p3", 1), ("q3", "p4", 3)]
-    return write_beir(tmp_path_factory.mktemp("data") / "shop", corpus, queries, qrels)
+    return write_beir(tmp_path_factory.mktemp("data") / "shop", SHOP_CORPUS, SHOP_QUERIES, SHOP_QRELS)
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +119,46 @@ def test_a_dense_model_and_its_hybrid_encode_each_task_once(
         assert {task: per_model[name] for task, per_model in together.items()} == {
             task: per_model[name] for task, per_model in alone[name].items()
         }
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_esci_encodes_only_the_judged_products(
+    tmp_path: Path, tiny_st_dir: Path, hybrid: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ESCI re-ranks each query's judged products: a dense model (alone or in bm25+) encodes those, not the rest of
+    the corpus, and its metrics equal those of scoring the whole corpus."""
+    unjudged = [{"_id": "p6", "title": "blue phone charger", "text": "usb cable"}, {"_id": "p7", "text": "red shoe"}]
+    folder = write_beir(tmp_path / "shop", SHOP_CORPUS + unjudged, SHOP_QUERIES, SHOP_QRELS)
+    spec = run.parse_task(f"esci:{folder}")
+    data = load_beir(folder)
+    dense = DenseModel(str(tiny_st_dir), tiny_st_dir)
+    full = dense.score_matrix(data.query_texts, data.doc_texts, spec.query_prompt)  # [3, 7]
+    assert np.isfinite(full).all()
+    doc_index = {doc_id: i for i, doc_id in enumerate(data.doc_ids)}
+    candidates = [np.array([doc_index[d] for d in data.qrels[qid]]) for qid in data.query_ids]
+    if hybrid:
+        bm25 = Bm25Model().score_matrix(data.query_texts, data.doc_texts)  # [3, 7]
+        rankings = [
+            [[data.doc_ids[i] for i in r] for r in rank_documents(scores, data.doc_ids, candidates)]
+            for scores in (bm25, full)
+        ]
+        full = rrf_fuse(data.query_ids, rankings, doc_index)
+    ranked = rank_documents(full, data.doc_ids, candidates)
+    expected = retrieval_metrics(data.qrels, {q: [data.doc_ids[i] for i in r] for q, r in zip(data.query_ids, ranked)})
+
+    encoded: list[str] = []
+    score_matrix = DenseModel.score_matrix
+    monkeypatch.setattr(
+        DenseModel, "score_matrix", lambda self, queries, documents, *args: encoded.extend(documents)
+        or score_matrix(self, queries, documents, *args),
+    )  # fmt: skip
+    name = f"bm25+{tiny_st_dir}" if hybrid else str(tiny_st_dir)
+    results = run.evaluate([name], [f"esci:{folder}"])
+    judged = {doc_id for judgments in data.qrels.values() for doc_id in judgments}
+    assert sorted(encoded) == sorted(data.doc_texts[doc_index[d]] for d in judged)  # p6 and p7 never encoded
+    metrics = results["tasks"]["esci:shop"][name]
+    assert {key: metrics[key] for key in expected} == pytest.approx(expected, abs=1e-12)
+    assert results["notes"]["esci:shop"][name]["truncated_documents"] == 0
 
 
 def test_hybrid_loads_minilm_and_skips_embedding_tasks(tmp_path: Path) -> None:
