@@ -3,6 +3,9 @@ hard negatives of both processes, and the loss and every gradient (routers and t
 process running the whole global batch, for every split of the hard negatives over the processes (uneven, all on one
 process, none anywhere: a process without negatives must still take part in every collective and its backward).
 
+End to end, `accelerate launch --multi_gpu --num_processes 2 train/phase2.py` trains like one process with the same
+global batch: same losses, temperatures and final weights, and the final folder loads.
+
 The file is also the worker: `python -m torch.distributed.run --nproc_per_node 2 tests/test_phase2_distributed.py OUT`.
 """
 
@@ -19,7 +22,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from test_phase2 import random_features  # tests/ is on sys.path under pytest and when this file runs as the worker
+# tests/ is on sys.path under pytest and when this file runs as the worker; `workspace` is a fixture
+from test_phase2 import random_features, workspace  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -146,6 +150,56 @@ def test_two_processes_equal_one_full_batch_for_every_negatives_split(tmp_path):
         assert len(routers) == 2 and "log_temperature" in result["errors"]
         worst = max(result["errors"], key=result["errors"].get)
         assert result["errors"][worst] <= 1e-5, f"{result['split']} {worst}: relative gradient error {result['errors'][worst]:.2e}"
+
+
+def _launch_phase2(workspace: dict[str, Path], output: Path, processes: int, port: int) -> list[dict]:
+    """``accelerate launch train/phase2.py`` on the tiny config with ``processes`` processes; its train log."""
+    from test_phase2 import read_log
+
+    overrides = [
+        f"output_dir={output}", f"tokenizer={workspace['tokenizer']}",
+        f"train_sources=[{{path: {workspace['pairs']}, task: finance_qa}}, {{beir: {workspace['beir']}, task: finance_qa}}]",
+        "dev_beir=null", "eval_every=0", "split_fraction=0.6", "batch_sampling=per_source",
+        "model={preset: chroma-moe-tiny, hidden_dropout: 0.0, attention_dropout: 0.0}",  # no dropout: equal runs
+    ]  # fmt: skip
+    launch = ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1", "--cpu"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--main_process_port", str(port), str(REPO / "train" / "phase2.py"),
+               "--config", str(REPO / "train" / "configs" / "phase2_tiny.yaml"), *overrides]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    return read_log(output)
+
+
+@pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with the gloo backend is unavailable"
+)
+def test_accelerate_launch_with_two_processes_trains_like_one(workspace, tmp_path):
+    """4 steps of the tiny config (global batch 8, per-source batches, checkpoints every 2 steps) on 1 and on 2
+    processes: every step's loss and temperature, the final weights and the final folder's embeddings agree."""
+    from safetensors.torch import load_file
+    from sentence_transformers import SentenceTransformer
+
+    one = _launch_phase2(workspace, tmp_path / "one", 1, _free_port())
+    two = _launch_phase2(workspace, tmp_path / "two", 2, _free_port())
+    assert [row["step"] for row in two] == [row["step"] for row in one] == [1, 2, 3, 4]
+    for a, b in zip(one, two):
+        for key in ("train/loss", "train/temperature"):
+            assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (key, a, b)
+    assert one[0]["train/loss"] != one[-1]["train/loss"]
+    checkpoint = tmp_path / "two" / "checkpoints" / "checkpoint-00000004"  # the last one kept
+    assert sorted(path.name for path in checkpoint.glob("random_states_*.pkl")) == [f"random_states_{r}.pkl" for r in (0, 1)]
+
+    weights = [load_file(next((tmp_path / name / "final").rglob("model.safetensors"))) for name in ("one", "two")]
+    assert weights[0].keys() == weights[1].keys()
+    for name, tensor in weights[0].items():
+        assert torch.allclose(tensor, weights[1][name], atol=1e-5), name
+    query = "How did revenue change at Acme?"
+    models = [SentenceTransformer(str(tmp_path / name / "final"), trust_remote_code=True) for name in ("one", "two")]
+    embeddings = [model.encode_query([query], convert_to_tensor=True) for model in models]
+    assert torch.allclose(embeddings[0], embeddings[1], atol=1e-5)
+
 
 if __name__ == "__main__":
     worker(sys.argv[1])
