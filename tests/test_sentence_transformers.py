@@ -147,6 +147,7 @@ def test_fresh_process_reload_resave_and_auto_classes(st_dir, st_model, embedder
         st = SentenceTransformer({str(st_dir)!r}, trust_remote_code=True)
         out = {{"module": type(st[0]).__module__}}
         np.save("queries.npy", st.encode_query({QUERIES!r}))
+        np.save("documents.npy", st.encode_document({DOCUMENTS!r}))
         st.save("resaved")
         again = SentenceTransformer("resaved", trust_remote_code=True)
         np.save("resaved.npy", again.encode_query({QUERIES!r}))
@@ -176,6 +177,8 @@ def test_fresh_process_reload_resave_and_auto_classes(st_dir, st_model, embedder
     with torch.no_grad():
         full = embedder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     np.testing.assert_allclose(np.load(tmp_path / "auto_embedding.npy"), full.sentence_embedding.numpy(), atol=1e-5)
+    # The model card's plain-transformers snippet: for documents, the same embeddings as encode_document.
+    np.testing.assert_allclose(np.load(tmp_path / "auto_embedding.npy"), np.load(tmp_path / "documents.npy"), atol=1e-5)
     np.testing.assert_allclose(np.load(tmp_path / "auto_hidden.npy"), full.last_hidden_state.numpy(), atol=1e-5)
 
 

@@ -179,8 +179,10 @@ def model_card(
         "print(model.similarity(queries, documents))",
         "```",
         "",
-        ("With transformers only (`sentence_embedding` pools every token; pass `pooling_mask` to exclude an "
-         "instruction prefix):"),
+        ("With transformers only, for documents: `sentence_embedding` pools every token. A query's instruction "
+         "prompt must be attended to but left out of the pooled tokens (`pooling_mask`), which sentence-transformers' "
+         "`encode_query` does: use it for queries. sentence-transformers also strips leading and trailing whitespace "
+         "from every text; strip yours to get its embeddings:"),
         "",
         "```python",
         "from transformers import AutoModelForTextEncoding, AutoTokenizer",
