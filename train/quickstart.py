@@ -554,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.quickstart", description=__doc__.split("\n")[0])
     parser.add_argument("--output", default="runs/quickstart", help="new or empty folder for every artefact (default: %(default)s)")
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="data folder (default: the bundled sample, data/sample)")
-    parser.add_argument("--budget-minutes", type=float, help="time budget that sets the training steps (default: the config's, 8)")
+    parser.add_argument("--budget-minutes", type=float, help="time budget that sets the training steps (default: the config's budget.default_minutes)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="quickstart YAML (default: train/configs/quickstart.yaml)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
