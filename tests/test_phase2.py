@@ -436,6 +436,7 @@ def test_every_shipped_phase_config_loads():
     loaded |= {path.name: load_config(Phase2Config, path) for path in sorted(configs.glob("phase2_*.yaml"))}
     assert {"phase1_3b.yaml", "phase2_3b.yaml", "phase2_small.yaml", "phase2_tiny.yaml"} <= set(loaded)
     assert loaded["phase2_3b.yaml"].teacher == "BAAI/bge-m3"
+    assert loaded["phase2_3b.yaml"].teacher_max_seq_length == loaded["phase2_3b.yaml"].max_document_length == 512
 
 
 def test_a_matryoshka_dim_beyond_the_embedding_is_refused_before_training(workspace, tmp_path):

@@ -1,9 +1,11 @@
 """Teacher distillation for phase 2: a disk cache of teacher embeddings and two loss terms summed with InfoNCE.
 
 - ``ChromaMoeTeacherCache``: a teacher (any sentence-transformers folder or Hub id; offline default all-MiniLM-L6-v2)
-  embeds each unique (teacher, prompt, text) once. Embeddings are stored in ``.npy`` shards under a cache folder, keyed
-  by ``sha256(teacher \\0 prompt \\0 text)``; a re-run or a resumed run finds them there and never calls the teacher
-  again (the teacher is not even loaded when nothing is missing). With several processes the missing texts are split by
+  embeds each unique (teacher, length, prompt, text) once, reading at most ``max_seq_length`` of its tokens (set it to
+  the student's document length so that the targets describe the text the student reads). Embeddings are stored in
+  ``.npy`` shards under a cache folder, keyed by ``sha256(teacher \\0 max_seq_length \\0 prompt \\0 text)``; a re-run or
+  a resumed run finds them there and never calls the teacher again (the teacher is not even loaded when nothing is
+  missing). With several processes the missing texts are split by
   key, so each is encoded by exactly one process. Shards are written atomically (temporary file + ``os.replace``).
 - ``ChromaMoeDistillationLoss``: (a) similarity matching (Jasper/Stella, Zhang et al. 2024, arXiv:2412.19048, §3.2
   "similarity loss"): the student's in-batch cosine-similarity matrix regresses onto the teacher's, which needs no
@@ -69,9 +71,11 @@ def load_teacher(teacher: str, device: str | None = None):
     return SentenceTransformer(teacher, device=device, trust_remote_code=Path(teacher).is_dir())
 
 
-def teacher_key(teacher: str, prompt: str, text: str) -> bytes:
-    """The cache key of a text: sha256 of the teacher id, the teacher prompt and the text (32 bytes)."""
-    return hashlib.sha256("\0".join((teacher, prompt, text)).encode("utf-8")).digest()
+def teacher_key(teacher: str, max_seq_length: int | None, prompt: str, text: str) -> bytes:
+    """The cache key of a text: sha256 of the teacher id, the teacher's token limit ("" = its own), the teacher prompt
+    and the text (32 bytes)."""
+    limit = "" if max_seq_length is None else str(max_seq_length)
+    return hashlib.sha256("\0".join((teacher, limit, prompt, text)).encode("utf-8")).digest()
 
 
 def _shard_dtype(dim: int) -> np.dtype:
@@ -82,7 +86,8 @@ class ChromaMoeTeacherCache:
     """Teacher embeddings on disk, one row per unique (teacher, prompt, text).
 
     Layout: `cache_dir/<16 hex>.npy` shards, each a structured array of `(key uint8[32], embedding float32[D_t])` rows
-    (the name is a hash of its keys), opened memory-mapped, so a lookup reads only the rows it needs.
+    (the name is a hash of its keys; the key is `teacher_key`), opened memory-mapped, so a lookup reads only the rows
+    it needs.
 
     Args:
         cache_dir: The cache folder (created if missing); one folder may hold several teachers and prompts.
@@ -90,6 +95,9 @@ class ChromaMoeTeacherCache:
             The id is taken as given: a teacher folder retrained in place needs a new cache folder.
         query_prompt, document_prompt: The teacher's own prompts (e.g. e5's `"query: "` / `"passage: "`), prepended by
             sentence-transformers; `""` = none. Independent of the student's instructions.
+        max_seq_length: The most tokens (the teacher's own, prompt included) the teacher reads of a text; None = the
+            teacher's `max_seq_length` (all-MiniLM-L6-v2: 256). Part of every key. With a custom `encode`, applying
+            it is that function's business.
         encode: `encode(texts, prompt) -> (n, D_t)` array; default: the teacher's `SentenceTransformer.encode`, loaded on
             first need only.
         batch_size: Texts per teacher forward; shard_size: texts per shard written (an interrupted build keeps the
@@ -103,6 +111,7 @@ class ChromaMoeTeacherCache:
         teacher: str = DEFAULT_TEACHER,
         query_prompt: str = "",
         document_prompt: str = "",
+        max_seq_length: int | None = None,
         *,
         encode: Encoder | None = None,
         batch_size: int = 64,
@@ -111,11 +120,14 @@ class ChromaMoeTeacherCache:
     ) -> None:
         if batch_size <= 0 or shard_size <= 0:
             raise ValueError(f"batch_size ({batch_size}) and shard_size ({shard_size}) must be positive")
+        if max_seq_length is not None and max_seq_length <= 0:
+            raise ValueError(f"max_seq_length must be positive or None, got {max_seq_length}")
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.teacher = teacher
         self.query_prompt = query_prompt
         self.document_prompt = document_prompt
+        self.max_seq_length = max_seq_length
         self.batch_size = batch_size
         self.shard_size = shard_size
         self.device = device
@@ -145,6 +157,8 @@ class ChromaMoeTeacherCache:
     def _encoder(self) -> Encoder:
         if self._encode is None:
             model = load_teacher(self.teacher, self.device)
+            if self.max_seq_length is not None:
+                model.max_seq_length = self.max_seq_length
             self._encode = lambda texts, prompt: model.encode(
                 texts, prompt=prompt, batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False
             )
@@ -172,7 +186,7 @@ class ChromaMoeTeacherCache:
         wanted: dict[bytes, tuple[str, str]] = {}
         for prompt, texts in ((self.query_prompt, queries), (self.document_prompt, documents)):
             for text in texts:
-                wanted.setdefault(teacher_key(self.teacher, prompt, text), (prompt, text))
+                wanted.setdefault(teacher_key(self.teacher, self.max_seq_length, prompt, text), (prompt, text))
         mine = [
             (key, prompt, text) for key, (prompt, text) in wanted.items()
             if key not in self._index and int.from_bytes(key[:8], "little") % world == rank
@@ -209,11 +223,11 @@ class ChromaMoeTeacherCache:
         that is not cached."""
         places = []
         for text in texts:
-            place = self._index.get(teacher_key(self.teacher, prompt, text))
+            place = self._index.get(teacher_key(self.teacher, self.max_seq_length, prompt, text))
             if place is None:
                 raise KeyError(
                     f"teacher cache {self.cache_dir} has no {self.teacher!r} embedding of {text[:80]!r} (prompt "
-                    f"{prompt!r}): call ensure() for it or build the cache with `python -m train.distill`"
+                    f"{prompt!r}, max_seq_length {self.max_seq_length}): call ensure() for it or build the cache with `python -m train.distill`"
                 )
             places.append(place)
         if not places:
@@ -391,10 +405,13 @@ class ChromaMoeDistillation:
         score_weight: float,
         teacher_temperature: float,
         max_negatives: int,
+        teacher_max_seq_length: int | None = None,
         device: str | None = None,
         encode: Encoder | None = None,
     ) -> ChromaMoeDistillation:
-        cache = ChromaMoeTeacherCache(cache_dir, teacher, query_prompt, document_prompt, device=device, encode=encode)
+        cache = ChromaMoeTeacherCache(
+            cache_dir, teacher, query_prompt, document_prompt, teacher_max_seq_length, device=device, encode=encode
+        )
         return cls(cache, ChromaMoeDistillationLoss(similarity_weight, score_weight, teacher_temperature), max_negatives)
 
     def prepare(self, rows: Iterable[Mapping[str, Any]]) -> int:
@@ -430,13 +447,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--query-prompt", default="", help="the teacher's query prompt (default: none)")
     parser.add_argument("--document-prompt", default="", help="the teacher's document prompt (default: none)")
     parser.add_argument("--max-negatives", type=int, default=None, help="hard negatives per pair to embed (default: all)")
+    parser.add_argument(
+        "--max-seq-length", type=int, default=None,
+        help="the most teacher tokens read per text, as phase 2's teacher_max_seq_length (default: the teacher's own)",
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=64, help="texts per teacher forward")
     args = parser.parse_args(argv)
     # Under `accelerate launch` / torchrun this joins the processes (so `ensure` splits the texts) and gives each its
     # device; a plain `python -m` run is one process on the default device.
     state = PartialState()
     cache = ChromaMoeTeacherCache(
-        args.cache_dir, args.teacher, args.query_prompt, args.document_prompt, batch_size=args.batch_size,
+        args.cache_dir, args.teacher, args.query_prompt, args.document_prompt, args.max_seq_length, batch_size=args.batch_size,
         device=str(state.device),
     )  # fmt: skip
     queries, documents = [], []

