@@ -297,6 +297,8 @@ def test_the_ablation_adds_one_ingredient_per_row_and_ends_at_the_quickstart_rec
         {"phase2.teacher."},
         {"phase2.batch_sampling."},
         {"retrieval_sets.tatqa_finance_dev.bm25_negatives."},
+        {"phase2.teacher_max_seq_length."},
+        {"max_pairs_per_source.", "phase2.source_alpha."},
     ]
     quickstart_recipe = flat(base)
     assert {key for key in quickstart_recipe.keys() | rows[-1].keys() if quickstart_recipe.get(key) != rows[-1].get(key)} == {
