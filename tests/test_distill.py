@@ -310,6 +310,9 @@ def test_minilm_cache_build_from_the_command_line(tmp_path, capsys):
     assert not torch.allclose(cut, direct, atol=1e-2)  # each positive has 12+ tokens: 8 cut it
     with pytest.raises(ValueError, match=r"^max_seq_length must be positive or None, got 0$"):
         ChromaMoeTeacherCache(tmp_path / "cache", "all-MiniLM-L6-v2", max_seq_length=0)
+    message = r"^teacher max_seq_length=1000 exceeds 'all-MiniLM-L6-v2''s own max_seq_length=256: it can only lower"
+    with pytest.raises(ValueError, match=message):
+        main([*argv, "--max-seq-length", "1000"])
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"query": "q", "positive": ""}) + "\n", encoding="utf-8")

@@ -96,8 +96,9 @@ class ChromaMoeTeacherCache:
         query_prompt, document_prompt: The teacher's own prompts (e.g. e5's `"query: "` / `"passage: "`), prepended by
             sentence-transformers; `""` = none. Independent of the student's instructions.
         max_seq_length: The most tokens (the teacher's own, prompt included) the teacher reads of a text; None = the
-            teacher's `max_seq_length` (all-MiniLM-L6-v2: 256). Part of every key. With a custom `encode`, applying
-            it is that function's business.
+            teacher's `max_seq_length` (all-MiniLM-L6-v2: 256). It can only lower that limit: `ValueError` when the
+            teacher loads if it is higher. Part of every key. With a custom `encode`, applying it is that function's
+            business.
         encode: `encode(texts, prompt) -> (n, D_t)` array; default: the teacher's `SentenceTransformer.encode`, loaded on
             first need only.
         batch_size: Texts per teacher forward; shard_size: texts per shard written (an interrupted build keeps the
@@ -158,6 +159,11 @@ class ChromaMoeTeacherCache:
         if self._encode is None:
             model = load_teacher(self.teacher, self.device)
             if self.max_seq_length is not None:
+                if self.max_seq_length > model.max_seq_length:
+                    raise ValueError(
+                        f"teacher max_seq_length={self.max_seq_length} exceeds {self.teacher!r}'s own "
+                        f"max_seq_length={model.max_seq_length}: it can only lower the teacher's limit"
+                    )
                 model.max_seq_length = self.max_seq_length
             self._encode = lambda texts, prompt: model.encode(
                 texts, prompt=prompt, batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False

