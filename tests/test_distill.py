@@ -265,8 +265,12 @@ def test_cache_round_trips_exactly_and_writes_atomically(tmp_path):
     expected = np.stack([teacher.vector("", text) for text in queries])
     assert torch.equal(reopened.lookup(queries, ""), torch.from_numpy(expected))
     assert torch.equal(reopened.lookup(documents[::-1], "doc: "), torch.from_numpy(np.stack([teacher.vector("doc: ", t) for t in documents[::-1]])))
-    with pytest.raises(KeyError, match="has no 'fake' embedding of 'passage 0' \\(prompt '', max_seq_length None\\)"):
+    with pytest.raises(KeyError, match="has no 'fake' embedding of 'passage 0' \\(prompt '', max_seq_length None; None = the "
+                                       "teacher's own limit, a different key from its value\\): call ensure\\(\\) for it or "
+                                       "build the cache with `python -m train.distill --teacher fake` and the run's prompts"):
         reopened.lookup(["passage 0"], "")
+    with pytest.raises(KeyError, match="max_seq_length 64; .* `python -m train.distill --teacher fake --max-seq-length 64`"):
+        ChromaMoeTeacherCache(tmp_path, "fake", "", "doc: ", 64, encode=teacher).lookup(queries[:1], "")
     other_teacher = ChromaMoeTeacherCache(tmp_path, "another", "", "doc: ", encode=teacher)
     assert other_teacher.ensure(queries[:2], []) == 2, "a different teacher id must not reuse the embeddings"
 
@@ -308,9 +312,11 @@ def test_minilm_cache_build_from_the_command_line(tmp_path, capsys):
     cut = ChromaMoeTeacherCache(tmp_path / "cache", "all-MiniLM-L6-v2", max_seq_length=8).lookup(texts, "")
     assert torch.allclose(cut, torch.from_numpy(minilm.encode(texts, convert_to_numpy=True)), atol=1e-5)
     assert not torch.allclose(cut, direct, atol=1e-2)  # each positive has 12+ tokens: 8 cut it
-    with pytest.raises(ValueError, match=r"^max_seq_length must be positive or None, got 0$"):
-        ChromaMoeTeacherCache(tmp_path / "cache", "all-MiniLM-L6-v2", max_seq_length=0)
-    message = r"^teacher max_seq_length=1000 exceeds 'all-MiniLM-L6-v2''s own max_seq_length=256: it can only lower"
+    for bad in (0, 128.5, True):
+        with pytest.raises(ValueError, match=rf"^max_seq_length must be a positive int or None \(the teacher's own limit\), got {bad}$"):
+            ChromaMoeTeacherCache(tmp_path / "cache", "all-MiniLM-L6-v2", max_seq_length=bad)
+    message = (r"^teacher 'all-MiniLM-L6-v2': max_seq_length=1000 exceeds its own max_seq_length=256; "
+               r"teacher_max_seq_length can only lower the teacher's limit$")  # fmt: skip
     with pytest.raises(ValueError, match=message):
         main([*argv, "--max-seq-length", "1000"])
 

@@ -278,6 +278,27 @@ def test_retrieval_sets_give_phase2_its_beir_sources_and_bad_entries_are_named(t
         quickstart.load_quickstart_config(path)
 
 
+def test_bad_phase_keys_and_teacher_length_are_refused_before_any_stage(tmp_path: Path) -> None:
+    """A bad ``phase1`` / ``phase2`` key, or a teacher length above the teacher's own limit (MiniLM: 256), stops the
+    quickstart before the tokenizer is trained, not in phase 2 minutes later."""
+    base = yaml.safe_load(quickstart.DEFAULT_CONFIG.read_text(encoding="utf-8"))
+    cases = [
+        ("phase1", "seq_len", 0, ConfigError, r"^config key 'seq_len'=0: must be > 0$"),
+        ("phase2", "teacher_max_seq_length", 0, ConfigError, r"^config key 'teacher_max_seq_length'=0: must be > 0 or null$"),
+        ("phase2", "teacher_max_seq_length", 300, ValueError,
+         r"^teacher 'all-MiniLM-L6-v2': max_seq_length=300 exceeds its own max_seq_length=256; teacher_max_seq_length "
+         r"can only lower the teacher's limit$"),
+    ]  # fmt: skip
+    for index, (section, key, value, error, message) in enumerate(cases):
+        config = yaml.safe_load(yaml.safe_dump(base))
+        config[section][key] = value
+        path = tmp_path / f"quickstart{index}.yaml"
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        with pytest.raises(error, match=message):
+            quickstart.quickstart(tmp_path / f"run{index}", SAMPLE, 1, path)
+        assert not (tmp_path / f"run{index}" / "tokenizer").exists()
+
+
 def test_the_ablation_adds_one_ingredient_per_row_and_ends_at_the_quickstart_recipe() -> None:
     """benchmarks/quality_ablation.py: each row changes exactly the settings of its ingredient from the row above, and
     the last row trains as the quickstart does (only the evaluation's extra rows are off)."""

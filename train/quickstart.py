@@ -293,6 +293,23 @@ def phase2_config(config: Mapping[str, Any], sources: list[dict[str, Any]], phas
     return raw
 
 
+def check_phase_configs(config: Mapping[str, Any], data: DataFolder, sources: list[dict[str, Any]], out: Path,
+                        minutes: float) -> None:  # fmt: skip
+    """Both phase configs as the run will resolve them (the tokenizer's requested size and phase 1's folder stand in
+    until they exist), checked before any stage runs, so a bad ``phase1`` / ``phase2`` key costs seconds, not the
+    tokenizer and phase 1; with a teacher length, the teacher is loaded to check it against the teacher's own limit."""
+    from train.distill import load_teacher_at
+    from train.phase1 import Phase1Config
+    from train.phase2 import Phase2Config
+
+    phase1_raw = phase1_config(config, data, out / "tokenizer", config["tokenizer"]["vocab_size"], out, minutes)
+    config_from_dict(Phase1Config, phase1_raw, source="quickstart phase1")
+    phase2_raw = phase2_config(config, sources, out / "phase1" / "final", out, minutes)
+    phase2 = config_from_dict(Phase2Config, phase2_raw, source="quickstart phase2")
+    if phase2.teacher is not None and phase2.teacher_max_seq_length is not None:
+        load_teacher_at(phase2.teacher, phase2.teacher_max_seq_length, device="cpu")
+
+
 def write_yaml(mapping: Mapping[str, Any], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(dict(mapping), sort_keys=False), encoding="utf-8")
@@ -475,6 +492,7 @@ def quickstart(output: str | Path, data_dir: str | Path, budget_minutes: float |
         raise FileExistsError(f"output folder {out} is not empty: remove it or pass --output NEW_FOLDER")
     data = find_data(data_dir)
     sources = phase2_sources(config, data, out / "data" / "pairs")  # checks the pair files before any training
+    check_phase_configs(config, data, sources, out, minutes)
     print(f"data: {data.root}\n  raw text: {len(data.raw)} file(s); pair files: {len(data.pairs)}; dev sets: "
           f"{len(data.dev_sets)}; split retrieval sets: {len(data.split_sets)}\nbudget: {minutes:g} minutes; "
           f"output: {out}")  # fmt: skip
