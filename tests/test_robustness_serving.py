@@ -243,7 +243,8 @@ def phase2_run(st_model, tmp_path_factory):
         st_model.max_seq_length = 512
     checkpoint = run / "checkpoints" / "checkpoint-00000006"
     checkpoint.mkdir(parents=True)
-    state = {"step": 6, "config": {"max_query_length": 32, "max_document_length": 48}}
+    state = {"step": 6, "config": {"max_query_length": 32, "max_document_length": 48, "teacher": "all-MiniLM-L6-v2",
+                                   "teacher_max_seq_length": 48}}  # fmt: skip
     (checkpoint / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
     return run
 
@@ -262,6 +263,8 @@ def test_export_serves_at_the_model_length_and_says_so(phase2_run, st_model, tmp
     card = (output / "README.md").read_text(encoding="utf-8")
     assert "| Max sequence length | 512 tokens when serving (longer texts are truncated; positions up to 512) |" in card
     assert "| Training sequence length | queries 32 tokens, documents 48 tokens (the phase-2 run's config) |" in card
+    assert ("| Distilled from | all-MiniLM-L6-v2 (reading up to 48 of its tokens; similarity matching and KL score "
+            "distillation beside InfoNCE) |") in card  # fmt: skip
     loaded = SentenceTransformer(str(output), trust_remote_code=True, local_files_only=True)
     assert loaded.max_seq_length == 512
     served = loaded.encode_document([LONG_DOCUMENT], convert_to_tensor=True)
@@ -292,3 +295,8 @@ def test_export_max_seq_length_option_and_fallback_lengths(phase2_run, tmp_path,
     shutil.copytree(phase2_run / "final", lone)
     assert export_module.training_lengths(lone) == {}
     assert export_module.describe_training_lengths({}) == "not recorded in the trained folder"
+    assert export_module.training_run(lone) == {} and export_module.describe_teacher({}) is None
+    assert export_module.describe_teacher({"teacher": "BAAI/bge-m3", "teacher_max_seq_length": None}) == (
+        "BAAI/bge-m3 (reading its own maximum length; similarity matching and KL score distillation beside InfoNCE)")
+    card = (tmp_path / "short" / "README.md").read_text(encoding="utf-8")
+    assert "| Distilled from | all-MiniLM-L6-v2 (reading up to 48 of its tokens;" in card

@@ -82,21 +82,36 @@ def load_for_export(model_dir: str | Path) -> SentenceTransformer:
     return build_sentence_transformer(model_dir, model_dir)
 
 
-def training_lengths(model_dir: str | Path) -> dict[str, int]:
-    """The token lengths the model was trained at: `max_query_length` and `max_document_length` of the phase-2 run
-    whose `final/` folder this is, from the run's `run_config.json` (phase 2 writes it beside `final/`) or its latest
-    checkpoint's `trainer_state.json` (in `../checkpoints`), else nothing (a folder moved away from its run, or a
-    transformers checkpoint). The folder's own `max_seq_length` is its serving length, not a training one."""
+def training_run(model_dir: str | Path) -> dict[str, Any]:
+    """The config of the phase-2 run whose `final/` folder this is: the run's `run_config.json` (phase 2 writes it
+    beside `final/`) or its latest checkpoint's `trainer_state.json` (in `../checkpoints`), else `{}` (a folder moved
+    away from its run, or a transformers checkpoint)."""
     model_dir = Path(model_dir)
     run_config = model_dir.parent / RUN_CONFIG_FILE
     checkpoint = latest_checkpoint(model_dir.parent / "checkpoints")
     if run_config.is_file():
-        run = json.loads(run_config.read_text(encoding="utf-8"))
-    elif checkpoint is not None:
-        run = read_trainer_state(checkpoint).get("config", {})
-    else:
-        return {}
+        return json.loads(run_config.read_text(encoding="utf-8"))
+    if checkpoint is not None:
+        return read_trainer_state(checkpoint).get("config", {})
+    return {}
+
+
+def training_lengths(model_dir: str | Path) -> dict[str, int]:
+    """The token lengths the model was trained at: `max_query_length` and `max_document_length` of its phase-2 run
+    (`training_run`), else nothing. The folder's own `max_seq_length` is its serving length, not a training one."""
+    run = training_run(model_dir)
     return {key: run[key] for key in ("max_query_length", "max_document_length") if isinstance(run.get(key), int)}
+
+
+def describe_teacher(run: dict[str, Any]) -> str | None:
+    """The distillation teacher of a phase-2 run config (`training_run`) in words, for the model card; None without
+    one."""
+    teacher = run.get("teacher")
+    if not isinstance(teacher, str):
+        return None
+    limit = run.get("teacher_max_seq_length")
+    reading = "its own maximum length" if limit is None else f"up to {limit} of its tokens"
+    return f"{teacher} (reading {reading}; similarity matching and KL score distillation beside InfoNCE)"
 
 
 def describe_training_lengths(lengths: dict[str, int]) -> str:
@@ -115,9 +130,11 @@ def model_card(
     results: dict[str, Any] | None = None,
     base_model: str | None = None,
     trained_lengths: dict[str, int] | None = None,
+    distilled_from: str | None = None,
 ) -> str:
     """The README.md: Hub metadata (YAML front matter written by `huggingface_hub.ModelCardData`) and the body.
-    `trained_lengths` (from `training_lengths`) is stated beside the serving length `st_model.max_seq_length`."""
+    `trained_lengths` (from `training_lengths`) is stated beside the serving length `st_model.max_seq_length`;
+    `distilled_from` (from `describe_teacher`), when given, names the phase-2 teacher."""
     config: ChromaMoeConfig = st_model[0].model.config
     params = count_parameters(config)
     metadata = ModelCardData(
@@ -145,6 +162,7 @@ def model_card(
         ("Max sequence length", (f"{st_model.max_seq_length} tokens when serving (longer texts are truncated; "
                                  f"positions up to {config.max_position_embeddings})")),
         ("Training sequence length", describe_training_lengths(trained_lengths or {})),
+        *([("Distilled from", distilled_from)] if distilled_from else []),
         ("Similarity", st_model.similarity_fn_name),
         ("Query prompt", f"`{prompts.get('query', '')}`"),
         ("Document prompt", f"`{prompts.get('document', '')}`" if prompts.get("document") else "none"),
@@ -302,6 +320,7 @@ def export(
         results=card_results(results, Path(model_dir), model_id) if results else None,
         base_model=base_model,
         trained_lengths=trained,
+        distilled_from=describe_teacher(training_run(model_dir)),
     )
     (output_dir / "README.md").write_text(card, encoding="utf-8")
     files = folder_files(output_dir)
