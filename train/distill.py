@@ -5,8 +5,7 @@
   the student's document length so that the targets describe the text the student reads). Embeddings are stored in
   ``.npy`` shards under a cache folder, keyed by ``sha256(teacher \\0 max_seq_length \\0 prompt \\0 text)``; a re-run or
   a resumed run finds them there and never calls the teacher again (the teacher is not even loaded when nothing is
-  missing). With several processes the missing texts are split by
-  key, so each is encoded by exactly one process. Shards are written atomically (temporary file + ``os.replace``).
+  missing). With several processes the missing texts are split by key, so each is encoded by exactly one process. Shards are written atomically (temporary file + ``os.replace``).
 - ``ChromaMoeDistillationLoss``: (a) similarity matching (Jasper/Stella, Zhang et al. 2024, arXiv:2412.19048, §3.2
   "similarity loss"): the student's in-batch cosine-similarity matrix regresses onto the teacher's, which needs no
   projection, so student and teacher sizes may differ and nothing extra is trained, checkpointed or stripped at
@@ -98,7 +97,7 @@ def _shard_dtype(dim: int) -> np.dtype:
 
 
 class ChromaMoeTeacherCache:
-    """Teacher embeddings on disk, one row per unique (teacher, prompt, text).
+    """Teacher embeddings on disk, one row per unique (teacher, max_seq_length, prompt, text).
 
     Layout: `cache_dir/<16 hex>.npy` shards, each a structured array of `(key uint8[32], embedding float32[D_t])` rows
     (the name is a hash of its keys; the key is `teacher_key`), opened memory-mapped, so a lookup reads only the rows
